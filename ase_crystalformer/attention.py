@@ -1,0 +1,149 @@
+"""Pseudo-finite periodic attention (spec §2), computed over the geometry-only window.
+
+For query atom i and head h the paper's layer is
+
+    o_i = Σ_j softmax_j(q_i·k_j/√d_h + α_ij) (v_j + β_ij),
+    α_ij = log Σ_n exp(γ_i d_ij(n)²),   β_ij = W_E Σ_n π_ij(n) b(d_ij(n)),
+    π_ij(n) = exp(γ_i d_ij(n)² − α_ij),
+
+with γ_i = −ρ_i/(2 r0²) (σ_i = r0/√ρ_i). Multiplying out, a_ij·π_ij(n) is a single softmax
+over all images (j, n) of the logits q_i·k_j/√d_h + γ_i d_ij(n)², so we compute that one
+softmax over the window slots (N, M, H), which is numerically stable (max-subtracted) and
+needs no per-pair log-sum-exp. Then
+
+    Σ_j a_ij v_j       = Σ_pairs (Σ_n weights) v_j        (scatter to pairs, then gather v)
+    Σ_j a_ij β_ij      = W_E · Σ_slots weight · b(d)       (one batched matmul (N,H,M)@(N,M,K))
+
+so nothing of size (images × heads × K) is ever formed. ``encodings`` returns α and β per
+pair, the spec's intermediate quantities, for tests and inspection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+@dataclass
+class WindowGeometry:
+    """What every layer needs from the window; computed once per batch by the model."""
+
+    d2: torch.Tensor  # (N, M) squared image distances, Å²
+    basis: torch.Tensor | None  # (N, M, K) Gaussian RBFs of the distance, None if K = 0
+    mask: torch.Tensor  # (N, M) bool, real image slots
+    pair: torch.Tensor  # (N, M) long, pair of each slot
+    pair_i: torch.Tensor  # (P,) long
+    pair_j: torch.Tensor  # (P,) long
+
+
+class GaussianBasis(nn.Module):
+    """K Gaussians of the distance, centred at k·r_max/K (k = 1..K) with width r_max/K."""
+
+    def __init__(self, n_rbf: int, r_max: float) -> None:
+        super().__init__()
+        self.width = r_max / n_rbf
+        self.register_buffer(
+            "centers", torch.arange(1, n_rbf + 1, dtype=torch.float64) * self.width, persistent=False
+        )
+
+    def forward(self, d2: torch.Tensor) -> torch.Tensor:
+        # sqrt'(0) is infinite: the self image has d² ≡ 0 with a zero gradient, so clamping
+        # keeps its value (b(1e-15) = b(0) in any precision) and gives a zero, not NaN, gradient.
+        d = d2.clamp_min(1e-30).sqrt()
+        z = (d[..., None] - self.centers.to(d.dtype)) / self.width
+        return torch.exp(-0.5 * z * z)  # (..., K)
+
+
+class PeriodicAttention(nn.Module):
+    """One multi-head periodic attention layer with per-atom, per-head Gaussian widths."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, h, dh = config.d_model, config.n_heads, config.d_head
+        self.n_heads, self.d_head = h, dh
+        self.r0 = config.r0
+        self.rho_lower_bound = config.rho_lower_bound
+        self.rho_slope = config.rho_slope
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.sigma_weight = nn.Parameter(torch.empty(h, dh))  # w of spec §2.2
+        self.rbf_proj = nn.Parameter(torch.empty(h, dh, config.n_rbf)) if config.n_rbf else None
+        # Frozen standardisation of s = q·w (spec §2.2): set from the first training batch,
+        # then constant, so that a prediction never depends on the batch it is in.
+        self.register_buffer("sigma_shift", torch.zeros(()))
+        self.register_buffer("sigma_scale", torch.ones(()))
+        self.register_buffer("sigma_ready", torch.zeros((), dtype=torch.bool))
+
+    def gamma(self, q: torch.Tensor) -> torch.Tensor:
+        """γ = −ρ/(2 r0²) from the queries (N, H, dh); returns (N, H)."""
+        s = (q * self.sigma_weight).sum(-1)  # (N, H)
+        if self.training and not bool(self.sigma_ready):
+            with torch.no_grad():
+                self.sigma_shift.copy_(s.mean())
+                self.sigma_scale.copy_(1.0 / s.std())
+                self.sigma_ready.fill_(True)
+        x = (s - self.sigma_shift) * self.sigma_scale
+        b = self.rho_lower_bound
+        rho = (1 - b) * F.elu(self.rho_slope * x / (1 - b)) + 1
+        return -rho / (2 * self.r0**2)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        shape = (n, self.n_heads, self.d_head)
+        return self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+
+    def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+        """x (N, d) → (N, d)."""
+        n, h = x.shape[0], self.n_heads
+        q, k, v = self._project(x)  # (N, H, dh) each
+        gamma = self.gamma(q)  # (N, H)
+        qk = (q[geom.pair_i] * k[geom.pair_j]).sum(-1) / math.sqrt(self.d_head)  # (P, H)
+        logits = qk[geom.pair] + gamma[:, None, :] * geom.d2[..., None]  # (N, M, H)
+        logits = logits.masked_fill(~geom.mask[..., None], float("-inf"))
+        weights = logits.softmax(dim=1)  # (N, M, H): a_ij·π_ij(n) over all images (j, n)
+
+        pair_weight = weights.new_zeros(len(geom.pair_i), h)  # (P, H) = a_ij
+        pair_weight.index_add_(0, geom.pair.reshape(-1), weights.reshape(-1, h))
+        out = x.new_zeros(n, h, self.d_head)
+        out.index_add_(0, geom.pair_i, pair_weight[..., None] * v[geom.pair_j])  # Σ_j a_ij v_j
+        if self.rbf_proj is not None:
+            mixed = torch.bmm(weights.transpose(1, 2), geom.basis)  # (N, H, K) Σ a·π·b
+            out = out + torch.einsum("nhk,hdk->nhd", mixed, self.rbf_proj)  # Σ_j a_ij β_ij
+        return self.out_proj(out.reshape(n, -1))
+
+    def encodings(
+        self, x: torch.Tensor, geom: WindowGeometry
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The spec's periodic encodings per pair: α (P, H) and β (P, H, dh) (None if K = 0).
+
+        Not used by ``forward`` (which folds them into one softmax); here for tests and for
+        looking inside a trained model.
+        """
+        h = self.n_heads
+        q, _, _ = self._project(x)
+        gamma = self.gamma(q)
+        logits = gamma[:, None, :] * geom.d2[..., None]  # (N, M, H)
+        logits = logits.masked_fill(~geom.mask[..., None], float("-inf"))
+        index = geom.pair.reshape(-1, 1).expand(-1, h)  # (N·M, H)
+        flat = logits.reshape(-1, h)
+        peak = flat.new_full((len(geom.pair_i), h), float("-inf"))
+        peak = peak.scatter_reduce(0, index, flat.detach(), "amax")  # (P, H)
+        expo = torch.exp(flat - peak[geom.pair.reshape(-1)])  # (N·M, H), 0 on padding
+        total = expo.new_zeros(peak.shape).index_add_(0, geom.pair.reshape(-1), expo)
+        alpha = peak + total.log()  # (P, H)
+        if self.rbf_proj is None:
+            return alpha, None
+        image_weight = expo / total[geom.pair.reshape(-1)]  # π (N·M, H)
+        basis = geom.basis.reshape(-1, geom.basis.shape[-1])  # (N·M, K)
+        mean_basis = basis.new_zeros(len(geom.pair_i), h, basis.shape[-1])
+        mean_basis.index_add_(0, geom.pair.reshape(-1), image_weight[..., None] * basis[:, None, :])
+        beta = torch.einsum("phk,hdk->phd", mean_basis, self.rbf_proj)
+        return alpha, beta

@@ -1,0 +1,162 @@
+"""The Crystalformer network (spec §4): embedding, periodic-attention blocks, mean pool, MLP.
+
+``Crystalformer()`` with no arguments is the paper's default architecture, 853,505 trainable
+parameters (the paper's 853,517 also counts 12 frozen or unused scalars). It carries its
+target normalisation, so ``predict`` returns values in the targets' own units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attention import GaussianBasis, PeriodicAttention, WindowGeometry
+from .config import MAX_ATOMIC_NUMBER, ModelConfig
+from .geometry import Batch, collate, image_vectors, windows_for
+from .structures import as_atoms_list
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class Block(nn.Module):
+    """Post-norm Transformer block with the norms removed (T-Fixup): x + MHA, then x + FFN."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = PeriodicAttention(config)
+        self.ffn = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff),
+            _ACTIVATIONS[config.activation](),
+            nn.Linear(config.d_ff, config.d_model),
+        )
+
+    def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+        x = x + self.attention(x, geom)
+        return x + self.ffn(x)
+
+
+class Crystalformer(nn.Module):
+    """Crystalformer regression model on periodic structures.
+
+    ``forward`` maps a ``Batch`` to normalised outputs (B, T), the quantity the training
+    loss sees; ``targets`` undoes normalisation and transforms; ``predict`` takes ASE or
+    pymatgen structures and returns numpy arrays in the targets' units.
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        n_targets = len(config.targets)
+        self.embedding = nn.Embedding(MAX_ATOMIC_NUMBER, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
+        self.head = nn.Sequential(
+            nn.Linear(config.d_model, config.d_head_mlp),
+            _ACTIVATIONS[config.activation](),
+            nn.Linear(config.d_head_mlp, n_targets),
+        )
+        self.basis = GaussianBasis(config.n_rbf, config.rbf_max) if config.n_rbf else None
+        # Normalisation of the (transformed) targets: training-split mean and population std.
+        self.register_buffer("target_mean", torch.zeros(n_targets))
+        self.register_buffer("target_std", torch.ones(n_targets))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """T-Fixup initialisation (spec §4); the head MLP keeps PyTorch's default init."""
+        c = self.config
+        scale = 0.67 * c.n_blocks**-0.25
+        nn.init.normal_(self.embedding.weight, std=c.d_model**-0.5 * (9 * c.n_blocks) ** -0.25)
+        for block in self.blocks:
+            attn = block.attention
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                nn.init.xavier_uniform_(proj.weight)
+                nn.init.zeros_(proj.bias)
+            with torch.no_grad():
+                attn.v_proj.weight.mul_(scale)
+                attn.out_proj.weight.mul_(scale)
+            nn.init.normal_(attn.sigma_weight, std=c.d_head**-0.5)
+            if attn.rbf_proj is not None:
+                # Xavier on the (H·dh, K) matrix with gain K^-1/2, as the original.
+                bound = c.n_rbf**-0.5 * math.sqrt(6.0 / (c.d_model + c.n_rbf))
+                nn.init.uniform_(attn.rbf_proj, -bound, bound)
+            for layer in (block.ffn[0], block.ffn[2]):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+                with torch.no_grad():
+                    layer.weight.mul_(scale)
+
+    # ----------------------------------------------------------------------------- forward
+    def geometry(self, batch: Batch) -> WindowGeometry:
+        """Distances and radial bases of the window, shared by all blocks and heads."""
+        r = image_vectors(batch)  # (N, M, 3)
+        d2 = (r * r).sum(-1)  # (N, M)
+        basis = self.basis(d2) if self.basis is not None else None  # (N, M, K)
+        return WindowGeometry(d2, basis, batch.mask, batch.pair, batch.pair_i, batch.pair_j)
+
+    def atom_features(self, batch: Batch) -> torch.Tensor:
+        """Per-atom features after the last block, (N, d)."""
+        geom = self.geometry(batch)
+        x = self.embedding(batch.numbers - 1)  # (N, d)
+        for block in self.blocks:
+            x = block(x, geom)
+        return x
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Mean-pooled crystal features, (B, d): the learned structure embedding."""
+        x = self.atom_features(batch)
+        pooled = x.new_zeros(batch.n_crystals, x.shape[1]).index_add_(0, batch.crystal, x)
+        return pooled / batch.n_atoms[:, None].to(x.dtype)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Normalised outputs (B, T)."""
+        return self.head(self.embed(batch))
+
+    def targets(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Normalised outputs (B, T) → targets in their units (transform undone)."""
+        y = outputs * self.target_std + self.target_mean
+        columns = [
+            torch.pow(10.0, y[:, t]) if spec.transform == "log10" else y[:, t]
+            for t, spec in enumerate(self.config.targets)
+        ]
+        return torch.stack(columns, dim=1)
+
+    # ----------------------------------------------------------------------------- predict
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def make_batch(self, structures: Iterable[Any]) -> Batch:
+        """Check and collate ASE/pymatgen structures onto this model's device and dtype."""
+        windows = windows_for(as_atoms_list(structures), self.config.cutoff)
+        return collate(windows, self.dtype).to(self.device)
+
+    def predict(self, structures: Any, batch_size: int = 64) -> np.ndarray:
+        """Predict every target for one structure or a list of ASE/pymatgen structures.
+
+        Returns shape (n,) for a single-target model, else (n, T), in the targets' units.
+        All structures are checked before any is predicted, so a bad one fails fast.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        atoms_list = as_atoms_list(structures)
+        windows = windows_for(atoms_list, self.config.cutoff)
+        was_training = self.training
+        self.eval()
+        chunks = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(windows), batch_size):
+                    batch = collate(windows[start : start + batch_size], self.dtype).to(self.device)
+                    chunks.append(self.targets(self(batch)).cpu().numpy())
+        finally:
+            self.train(was_training)
+        out = np.concatenate(chunks) if chunks else np.zeros((0, len(self.config.targets)))
+        return out[:, 0] if len(self.config.targets) == 1 else out

@@ -1,0 +1,1 @@
+"""Shipped model checkpoints: one folder per model, with weights and a model card."""
