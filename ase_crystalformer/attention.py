@@ -37,6 +37,7 @@ class WindowGeometry:
     d2: torch.Tensor  # (N, M) squared image distances, Å²
     basis: torch.Tensor | None  # (N, M, K) Gaussian RBFs of the distance, None if K = 0
     mask: torch.Tensor  # (N, M) bool, real image slots
+    neighbor: torch.Tensor  # (N, M) long, atom j of each slot
     pair: torch.Tensor  # (N, M) long, pair of each slot
     pair_i: torch.Tensor  # (P,) long
     pair_j: torch.Tensor  # (P,) long
@@ -102,22 +103,12 @@ class PeriodicAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
         """x (N, d) → (N, d)."""
-        n, h = x.shape[0], self.n_heads
+        n = x.shape[0]
         q, k, v = self._project(x)  # (N, H, dh) each
-        gamma = self.gamma(q)  # (N, H)
-        qk = (q[geom.pair_i] * k[geom.pair_j]).sum(-1) / math.sqrt(self.d_head)  # (P, H)
-        logits = qk[geom.pair] + gamma[:, None, :] * geom.d2[..., None]  # (N, M, H)
-        logits = logits.masked_fill(~geom.mask[..., None], float("-inf"))
-        weights = logits.softmax(dim=1)  # (N, M, H): a_ij·π_ij(n) over all images (j, n)
-
-        pair_weight = weights.new_zeros(len(geom.pair_i), h)  # (P, H) = a_ij
-        pair_weight.index_add_(0, geom.pair.reshape(-1), weights.reshape(-1, h))
-        out = x.new_zeros(n, h, self.d_head)
-        out.index_add_(0, geom.pair_i, pair_weight[..., None] * v[geom.pair_j])  # Σ_j a_ij v_j
+        values, mixed = window_attention(q, k, v, self.gamma(q), geom)
         if self.rbf_proj is not None:
-            mixed = torch.bmm(weights.transpose(1, 2), geom.basis)  # (N, H, K) Σ a·π·b
-            out = out + torch.einsum("nhk,hdk->nhd", mixed, self.rbf_proj)  # Σ_j a_ij β_ij
-        return self.out_proj(out.reshape(n, -1))
+            values = values + torch.einsum("nhk,hdk->nhd", mixed, self.rbf_proj)  # Σ_j a_ij β_ij
+        return self.out_proj(values.reshape(n, -1))
 
     def encodings(
         self, x: torch.Tensor, geom: WindowGeometry
@@ -147,3 +138,24 @@ class PeriodicAttention(nn.Module):
         mean_basis.index_add_(0, geom.pair.reshape(-1), image_weight[..., None] * basis[:, None, :])
         beta = torch.einsum("phk,hdk->phd", mean_basis, self.rbf_proj)
         return alpha, beta
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, geom: WindowGeometry
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax over every image (j, n) in each atom's window, applied to values and bases.
+
+    q, k, v (N, H, dh), gamma (N, H). Returns Σ_(j,n) w·v_j (N, H, dh) and Σ_(j,n) w·b(d)
+    (N, H, K) (None without bases), with w = softmax of q_i·k_j/√dh + γ_i d_ij(n)².
+    """
+    h, dh = q.shape[1], q.shape[2]
+    qk = (q[geom.pair_i] * k[geom.pair_j]).sum(-1) / math.sqrt(dh)  # (P, H)
+    logits = qk[geom.pair] + gamma[:, None, :] * geom.d2[..., None]  # (N, M, H)
+    logits = logits.masked_fill(~geom.mask[..., None], float("-inf"))
+    weights = logits.softmax(dim=1)  # (N, M, H): a_ij·π_ij(n)
+
+    pair_weight = weights.new_zeros(len(geom.pair_i), h)  # (P, H) = a_ij
+    pair_weight.index_add_(0, geom.pair.reshape(-1), weights.reshape(-1, h))
+    values = v.new_zeros(q.shape).index_add_(0, geom.pair_i, pair_weight[..., None] * v[geom.pair_j])
+    mixed = torch.bmm(weights.transpose(1, 2), geom.basis) if geom.basis is not None else None
+    return values, mixed

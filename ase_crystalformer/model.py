@@ -95,7 +95,9 @@ class Crystalformer(nn.Module):
         r = image_vectors(batch)  # (N, M, 3)
         d2 = (r * r).sum(-1)  # (N, M)
         basis = self.basis(d2) if self.basis is not None else None  # (N, M, K)
-        return WindowGeometry(d2, basis, batch.mask, batch.pair, batch.pair_i, batch.pair_j)
+        return WindowGeometry(
+            d2, basis, batch.mask, batch.neighbor, batch.pair, batch.pair_i, batch.pair_j
+        )
 
     def atom_features(self, batch: Batch) -> torch.Tensor:
         """Per-atom features after the last block, (N, d)."""
