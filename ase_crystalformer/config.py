@@ -48,7 +48,7 @@ class ModelConfig:
     ``cutoff`` is the radius of the periodic window in Å: every image of every atom pair
     closer than this enters the attention. The Gaussian weight of an image at distance d is
     exp(-d²/2σ²) with σ < r0/√b = 1.98 Å, so an image outside the window weighs less than
-    exp(-cutoff²/(2·1.98²)) relative to the self image (7.8e-7 at 10.5 Å). See
+    exp(-cutoff²/(2·1.98²)) relative to the self image (2.9e-6 at 10 Å). See
     ``docs/ARCHITECTURE.md`` for the bound on the whole tail.
     """
 
@@ -62,7 +62,7 @@ class ModelConfig:
     r0: float = 1.4
     rho_lower_bound: float = 0.5
     rho_slope: float = 0.1
-    cutoff: float = 10.5
+    cutoff: float = 10.0
     activation: Activation = "relu"
     targets: tuple[TargetSpec, ...] = field(default_factory=lambda: (TargetSpec("target"),))
 

@@ -119,13 +119,14 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
         positions=positions,
         cell=np.array(atoms.cell, dtype=float),
-        center=center,
-        neighbor=neighbor,
-        shift=shift,
-        slot=slot,
-        pair=pair.reshape(-1),
-        pair_i=keys // n,
-        pair_j=keys % n,
+        # Compact dtypes: a training set's cached windows are ~1 GB otherwise.
+        center=center.astype(np.int32),
+        neighbor=neighbor.astype(np.int32),
+        shift=shift.astype(np.int16),
+        slot=slot.astype(np.int32),
+        pair=pair.reshape(-1).astype(np.int32),
+        pair_i=(keys // n).astype(np.int32),
+        pair_j=(keys % n).astype(np.int32),
     )
 
 
@@ -170,10 +171,13 @@ def collate(windows: Sequence[Window], dtype: torch.dtype = torch.float32) -> Ba
     pair_offset = np.concatenate([[0], np.cumsum(n_pairs)[:-1]])
     n_total = int(n_atoms.sum())
 
-    center = np.concatenate([w.center + o for w, o in zip(windows, atom_offset)])
-    neighbor = np.concatenate([w.neighbor + o for w, o in zip(windows, atom_offset)])
-    pair = np.concatenate([w.pair + o for w, o in zip(windows, pair_offset)])
-    slot = np.concatenate([w.slot for w in windows])
+    def stack(name: str, offsets: np.ndarray) -> np.ndarray:
+        return np.concatenate([getattr(w, name).astype(np.int64) + o for w, o in zip(windows, offsets)])
+
+    center = stack("center", atom_offset)
+    neighbor = stack("neighbor", atom_offset)
+    pair = stack("pair", pair_offset)
+    slot = np.concatenate([w.slot for w in windows]).astype(np.int64)
     shift = np.concatenate([w.shift for w in windows])
     first_pair = pair[slot == 0]  # (N,) a pair of each atom, to fill its padded slots
     width = int(slot.max()) + 1
@@ -197,8 +201,8 @@ def collate(windows: Sequence[Window], dtype: torch.dtype = torch.float32) -> Ba
         shift=torch.from_numpy(pad_shift).to(dtype),
         mask=torch.from_numpy(mask),
         pair=torch.from_numpy(pad_pair),
-        pair_i=torch.from_numpy(np.concatenate([w.pair_i + o for w, o in zip(windows, atom_offset)])),
-        pair_j=torch.from_numpy(np.concatenate([w.pair_j + o for w, o in zip(windows, atom_offset)])),
+        pair_i=torch.from_numpy(stack("pair_i", atom_offset)),
+        pair_j=torch.from_numpy(stack("pair_j", atom_offset)),
     )
 
 
