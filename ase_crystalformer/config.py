@@ -114,3 +114,48 @@ class ModelConfig:
         if "targets" in data:
             data["targets"] = tuple(TargetSpec(**t) for t in data["targets"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (spec §5); the defaults are the paper's MP settings.
+
+    ``lr`` decays as lr·sqrt(T/(T + t)) with T = ``lr_decay_steps`` and t the optimizer
+    steps taken; it is frozen during the last ``swa_epochs`` epochs, in which SWA averages
+    the weights after every step. Losses are L1 on normalised targets; force and stress
+    losses (eV/Å and eV/Å³, L1) are added with their weights when the data has them.
+    """
+
+    epochs: int = 500
+    batch_size: int = 128
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 1e-5
+    lr_decay_steps: int = 4000
+    clip_norm: float = 1.0
+    swa_epochs: int = 50
+    seed: int = 123
+    force_weight: float = 0.0
+    stress_weight: float = 0.0
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 <= self.swa_epochs <= self.epochs:
+            raise ValueError(f"swa_epochs={self.swa_epochs} must lie in [0, epochs={self.epochs}]")
+        if self.lr <= 0 or self.lr_decay_steps <= 0:
+            raise ValueError("lr and lr_decay_steps must be positive")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate after ``step`` optimizer steps (before SWA freezes it)."""
+        return self.lr * math.sqrt(self.lr_decay_steps / (self.lr_decay_steps + step))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        data["betas"] = tuple(data.get("betas", (0.9, 0.98)))
+        return cls(**data)

@@ -1,0 +1,418 @@
+"""ASE calculator: Crystalformer predictions as ASE properties, forces and stress by autograd.
+
+Importing this module does nothing but define the class; models load when it is built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import (
+    Calculator,
+    CalculatorSetupError,
+    PropertyNotImplementedError,
+    all_changes,
+)
+
+from .checkpoint import list_models, model_path
+from .errors import StructureError
+from .geometry import Batch, collate, windows_for
+from .inference import (
+    DTypeName,
+    ModelSpec,
+    TargetProperty,
+    describe_models,
+    eval_mode,
+    load_models,
+    resolve_device,
+    resolve_dtype,
+    target_properties,
+)
+from .model import Crystalformer
+from .structures import as_atoms_list, check_atoms, describe
+
+logger = logging.getLogger(__name__)
+
+#: Properties that exist only with an energy-type target (TargetSpec.kind == "energy").
+ENERGY_PROPERTIES = ("energy", "free_energy", "forces", "stress")
+#: Prefix of the ``atoms.info`` keys that mirror the custom properties.
+INFO_PREFIX = "crystalformer_"
+_ASE_KEYWORDS = frozenset({"label", "atoms", "directory"})
+_FIXED_PARAMETERS = frozenset({"model", "models", "device", "dtype"})
+_SLAB_STRESS = (
+    "stress is only defined here for fully periodic structures (pbc all True); for a slab "
+    "or wire the cell volume includes vacuum and strain along a non-periodic axis is not a "
+    "deformation of the material. Forces work for any pbc."
+)
+
+
+class CrystalformerCalculator(Calculator):
+    """Crystalformer models as an ASE calculator.
+
+    Properties (a fresh list per instance, in ``implemented_properties``; units in
+    ``units``):
+
+    * every target of every loaded model under an ASE-style name (``inference.TARGET_ALIASES``:
+      ``e_form`` → ``formation_energy_per_atom`` eV/atom, ``bandgap`` → ``band_gap`` eV,
+      ``k_vrh``/``g_vrh`` → ``bulk_modulus_vrh``/``shear_modulus_vrh`` GPa; unknown names
+      pass through; a name two models share gets the second model's label appended);
+    * ``embedding``: the mean-pooled crystal vector (d,) of the first model;
+    * ``energy``, ``free_energy`` (eV), ``forces`` (eV/Å) and ``stress`` (eV/Å³, Voigt
+      xx yy zz yz xz xy) only when a model has an energy-type target (``TargetSpec.kind ==
+      "energy"``, eV/atom); the first such target is used.
+
+    Energy and derivatives. With e(p, L) the predicted energy per atom of a crystal with
+    positions p (n, 3) and lattice rows L (3, 3), the total energy is E = n·e. The model
+    builds every image vector r = p_j − p_i + n·L inside autograd, so
+
+        F = −∂E/∂p,      σ = (1/V) ∂E/∂ε at ε = 0,
+
+    where the symmetric strain ε acts as p → p(I + ε)ᵀ, L → L(I + ε)ᵀ (ASE's sign: σ > 0
+    under tension). The window of images is fixed per structure, so these are exact
+    derivatives of the model as evaluated. Stress needs all three axes periodic (see
+    ``_SLAB_STRESS``); forces work for slabs and wires.
+
+    What the forces mean: the gradient of a model trained on (mostly relaxed) structures
+    is not a force field unless the energy model was trained on energies/forces away from
+    equilibrium.
+
+    Custom properties (targets, embedding) are also written to ``atoms.info`` as
+    ``crystalformer_<name>`` so that they survive ``ase.io.write`` in extxyz; energy,
+    forces and stress travel as the calculator results extxyz already stores.
+
+    Several models share one neighbour search per structure when their cutoffs agree.
+    ``predict`` evaluates many structures in batches, far faster than one ``calculate`` per
+    structure.
+    """
+
+    implemented_properties: list[str] = []  # replaced per instance in __init__
+    default_parameters: dict[str, Any] = {"batch_size": 32}
+    # The model reads neither magnetic moments nor charges.
+    ignored_changes = {"initial_magmoms", "initial_charges"}
+
+    def __init__(
+        self,
+        model: ModelSpec | Sequence[ModelSpec] | None = None,
+        *,
+        device: str | torch.device = "auto",
+        dtype: DTypeName = "float32",
+        batch_size: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        unknown = set(kwargs) - _ASE_KEYWORDS
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword argument(s) {sorted(unknown)}; CrystalformerCalculator "
+                f"takes model, device, dtype, batch_size and ASE's {sorted(_ASE_KEYWORDS)}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.models: list[tuple[str, Crystalformer]] = load_models(model, self.device, self.dtype)
+        self.targets: list[TargetProperty] = target_properties(self.models)
+        self.energy_target: TargetProperty | None = next(
+            (t for t in self.targets if t.target.kind == "energy"), None
+        )
+        names = [t.name for t in self.targets] + ["embedding"]
+        energy = list(ENERGY_PROPERTIES) if self.energy_target is not None else []
+        self.implemented_properties = energy + names  # a new list: never the base class's
+        self.units: dict[str, str] = {t.name: t.unit for t in self.targets}
+        self.units["embedding"] = ""
+        if energy:
+            self.units.update(energy="eV", free_energy="eV", forces="eV/Å", stress="eV/Å^3")
+        # Models with the same cutoff share one window (neighbour search) per structure.
+        self._groups: dict[float, list[int]] = {}
+        for index, (_, m) in enumerate(self.models):
+            self._groups.setdefault(m.config.cutoff, []).append(index)
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.parameters.update(
+            models=[label for label, _ in self.models], device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+        logger.info(
+            "CrystalformerCalculator: %s on %s (%s)",
+            describe_models(self.models), self.device, self.parameters["dtype"],
+        )
+
+    # ------------------------------------------------------------------------ ASE contract
+    def set(self, **kwargs: Any) -> dict[str, Any]:
+        """Change ``batch_size``; the models, device and dtype are fixed at construction."""
+        fixed = _FIXED_PARAMETERS & set(kwargs)
+        if fixed:
+            raise CalculatorSetupError(
+                f"{sorted(fixed)} cannot be changed on an existing CrystalformerCalculator; "
+                "build a new one"
+            )
+        return super().set(**kwargs)
+
+    def get_property(
+        self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True
+    ) -> Any:
+        """ASE's ``get_property``, with errors that say why energy or stress is missing."""
+        self._check_request([name], [atoms if atoms is not None else self.atoms])
+        return super().get_property(name, atoms, allow_calculation)
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] | None = None,
+        system_changes: Sequence[str] = tuple(all_changes),
+    ) -> None:
+        """Fill ``self.results`` with every target, the embedding and, if asked, derivatives.
+
+        One forward pass gives all targets, the energy and the embedding at once; forces
+        (and stress, for a fully periodic cell) cost one backward pass and are computed
+        together when either is requested.
+        """
+        if properties is None:
+            properties = ["energy"] if self.energy_target is not None else [self.targets[0].name]
+        Calculator.calculate(self, atoms, list(properties), list(system_changes))
+        if self.atoms is None:
+            raise CalculatorSetupError("no atoms: pass atoms or attach the calculator first")
+        if system_changes:
+            self.results = {}
+        current = self.atoms
+        self._check_request(properties, [current])
+        self._check_names(properties)
+        want_grad = bool({"forces", "stress"} & set(properties))
+        result = self._evaluate(
+            [current],
+            forces=want_grad,
+            stress=want_grad and bool(np.all(current.pbc)),
+            batch_size=1,
+        )[0]
+        self.results.update(result)
+        if atoms is not None:
+            self._store_info(atoms, result)
+
+    def precheck(self, atoms: Atoms) -> bool:
+        """Cheap test that ``atoms`` is in scope (``structures.check_atoms``); no raise.
+
+        ``calculate``/``predict`` raise ``StructureError`` with the reason, and also refuse
+        overlapping atoms, which only the neighbour search finds.
+        """
+        try:
+            check_atoms(atoms, describe(atoms))
+        except StructureError:
+            return False
+        return True
+
+    # --------------------------------------------------------------------------- batch API
+    def predict(
+        self,
+        structures: Any,
+        properties: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        output: Literal["list", "dict"] = "list",
+        store_info: bool = False,
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """Evaluate many ASE/pymatgen structures in batches; same values as ``calculate``.
+
+        ``properties`` defaults to every implemented property (stress only when every
+        structure is fully periodic). Returns one dict per structure, or with
+        ``output="dict"`` one entry per property: scalars (n,), stress (n, 6), embedding
+        (n, d), forces a list of (n_i, 3) arrays. ``store_info=True`` also mirrors the
+        custom properties into each input's ``atoms.info``. The inputs are never attached
+        to this calculator.
+        """
+        if output not in ("list", "dict"):
+            raise ValueError(f"output={output!r}; use 'list' or 'dict'")
+        atoms_list = as_atoms_list(structures)
+        all_periodic = all(bool(np.all(a.pbc)) for a in atoms_list)
+        if properties is None:
+            properties = [
+                p for p in self.implemented_properties if p != "stress" or all_periodic
+            ]
+        properties = list(properties)
+        self._check_names(properties)
+        self._check_request(properties, atoms_list)
+        size = int(batch_size or self.parameters["batch_size"])
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        want_grad = bool({"forces", "stress"} & set(properties))
+        results = self._evaluate(
+            atoms_list, forces=want_grad, stress="stress" in properties, batch_size=size
+        )
+        results = [{p: r[p] for p in properties} for r in results]
+        if store_info:
+            for atoms, r in zip(atoms_list, results):
+                self._store_info(atoms, r)
+        if output == "list":
+            return results
+        stacked: dict[str, Any] = {}
+        for p in properties:
+            values = [r[p] for r in results]
+            stacked[p] = values if p == "forces" else np.asarray(values)
+        return stacked
+
+    # ----------------------------------------------------------------------------- helpers
+    def _check_names(self, properties: Sequence[str]) -> None:
+        unknown = [p for p in properties if p not in self.implemented_properties]
+        unknown = [p for p in unknown if p not in ENERGY_PROPERTIES]  # own message below
+        if unknown:
+            raise PropertyNotImplementedError(
+                f"{unknown} not available from this calculator; it provides "
+                f"{self.implemented_properties}"
+            )
+
+    def _check_request(self, properties: Sequence[str], atoms_list: Sequence[Atoms | None]) -> None:
+        """Refuse energy-type properties without an energy model, and stress for slabs."""
+        wanted = [p for p in properties if p in ENERGY_PROPERTIES]
+        if wanted and self.energy_target is None:
+            raise PropertyNotImplementedError(self._no_energy_message(wanted))
+        if "stress" in properties:
+            for index, atoms in enumerate(atoms_list):
+                if atoms is not None and not np.all(atoms.pbc):
+                    where = describe(atoms, index if len(atoms_list) > 1 else None)
+                    raise PropertyNotImplementedError(
+                        f"{where}: pbc={np.asarray(atoms.pbc).tolist()}; {_SLAB_STRESS}"
+                    )
+
+    def _no_energy_message(self, wanted: Sequence[str]) -> str:
+        loaded = ", ".join(
+            f"{label} ({', '.join(model.config.target_names)})" for label, model in self.models
+        )
+        providers = _shipped_energy_models()
+        hint = (
+            f"shipped models with an energy target: {providers}"
+            if providers
+            else "no shipped model has one; train or load one whose config has "
+            "TargetSpec(..., kind='energy')"
+        )
+        return (
+            f"{list(wanted)} need a model with an energy-type target (TargetSpec kind='energy', "
+            f"a total energy in eV/atom); the loaded models predict only intensive targets: "
+            f"{loaded}. Available here: {self.implemented_properties}; {hint}"
+        )
+
+    def _store_info(self, atoms: Atoms, result: dict[str, Any]) -> None:
+        for name, value in result.items():
+            if name in ENERGY_PROPERTIES:
+                continue  # extxyz stores these from the calculator results
+            atoms.info[INFO_PREFIX + name] = value.copy() if isinstance(value, np.ndarray) else value
+
+    def _evaluate(
+        self, atoms_list: Sequence[Atoms], *, forces: bool, stress: bool, batch_size: int
+    ) -> list[dict[str, Any]]:
+        """Every target and the embedding, plus energy/forces/stress when asked; per structure."""
+        results: list[dict[str, Any]] = [{} for _ in atoms_list]
+        volumes = np.array([abs(a.cell.volume) if np.all(a.pbc) else 0.0 for a in atoms_list])
+        energy = self.energy_target
+        with eval_mode([m for _, m in self.models]):
+            for cutoff, members in self._groups.items():
+                windows = windows_for(atoms_list, cutoff)  # raises StructureError, labelled
+                for start in range(0, len(windows), batch_size):
+                    batch = collate(windows[start : start + batch_size], self.dtype)
+                    batch = batch.to(self.device)
+                    rows = results[start : start + batch_size]
+                    for index in members:
+                        model = self.models[index][1]
+                        if energy is not None and energy.model == index and (forces or stress):
+                            out, emb, grads = _with_gradients(
+                                model, batch, energy.column, stress,
+                                torch.as_tensor(volumes[start : start + batch_size]),
+                            )
+                        else:
+                            with torch.no_grad():
+                                emb = model.embed(batch)  # (B, d)
+                                out = model.targets(model.head(emb))  # (B, T)
+                            grads = None
+                        self._fill(rows, index, batch, out, emb, grads)
+        return results
+
+    def _fill(
+        self,
+        rows: list[dict[str, Any]],
+        index: int,
+        batch: Batch,
+        out: torch.Tensor,
+        emb: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor | None] | None,
+    ) -> None:
+        """Copy one model's outputs for one batch into the per-structure result dicts."""
+        values = out.detach().to("cpu", torch.float64).numpy()  # (B, T)
+        n_atoms = batch.n_atoms.cpu().numpy()
+        for t in self.targets:
+            if t.model != index:
+                continue
+            for b, row in enumerate(rows):
+                row[t.name] = float(values[b, t.column])
+        if index == 0:
+            embedding = emb.detach().to("cpu", torch.float64).numpy()
+            for b, row in enumerate(rows):
+                row["embedding"] = embedding[b]
+        energy = self.energy_target
+        if energy is not None and energy.model == index:
+            for b, row in enumerate(rows):
+                row["energy"] = row["free_energy"] = float(values[b, energy.column] * n_atoms[b])
+            if grads is not None:
+                forces, stress = grads
+                split = np.split(forces.cpu().numpy(), np.cumsum(n_atoms)[:-1])
+                for b, row in enumerate(rows):
+                    row["forces"] = split[b]
+                    if stress is not None and stress[b] is not None:
+                        row["stress"] = stress[b]
+
+
+def _with_gradients(
+    model: Crystalformer,
+    batch: Batch,
+    column: int,
+    stress: bool,
+    volumes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, list[np.ndarray | None] | None]]:
+    """Outputs (B, T), embedding (B, d), forces (N, 3) and Voigt stresses via one backward.
+
+    Positions and a zero symmetric strain per crystal are the leaves; E = n·e is summed
+    over the batch, which is fine because crystals do not interact.
+    """
+    with torch.enable_grad():
+        leaf = batch.positions.detach().clone().requires_grad_(True)  # (N, 3)
+        inputs = [leaf]
+        positions, cells = leaf, batch.cells
+        if stress:
+            strain = torch.zeros_like(batch.cells).requires_grad_(True)  # (B, 3, 3)
+            inputs.append(strain)
+            sym = 0.5 * (strain + strain.transpose(1, 2))  # (B, 3, 3)
+            positions = leaf + torch.einsum("nij,nj->ni", sym[batch.crystal], leaf)
+            cells = batch.cells + torch.bmm(batch.cells, sym.transpose(1, 2))
+        strained = replace(batch, positions=positions, cells=cells)
+        emb = model.embed(strained)  # (B, d)
+        out = model.targets(model.head(emb))  # (B, T)
+        energy = out[:, column] * batch.n_atoms.to(out.dtype)  # (B,) eV
+        grads = torch.autograd.grad(energy.sum(), inputs)
+    forces = -grads[0].detach().to(torch.float64)  # (N, 3) eV/Å
+    voigt: list[np.ndarray | None] | None = None
+    if stress:
+        dE = grads[1].detach().to("cpu", torch.float64).numpy()  # (B, 3, 3)
+        voigt = []
+        for b, vol in enumerate(volumes.tolist()):
+            s = dE[b] / vol if vol > 0 else None
+            voigt.append(
+                None if s is None else np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            )
+    return out.detach(), emb.detach(), (forces, voigt)
+
+
+def _shipped_energy_models() -> list[str]:
+    """Names of shipped models with an energy target, read from checkpoint headers only."""
+    from safetensors import safe_open
+
+    found = []
+    for name in list_models():
+        try:
+            with safe_open(str(model_path(name)), framework="pt") as handle:
+                config = json.loads((handle.metadata() or {}).get("config", "{}"))
+        except Exception:  # an unreadable checkpoint is reported when it is loaded, not here
+            continue
+        if any(t.get("kind") == "energy" for t in config.get("targets", [])):
+            found.append(name)
+    return found

@@ -1,0 +1,206 @@
+"""What the ASE calculator, the matminer featurizer and the CLI share: loading models for
+inference and naming their targets.
+
+Training target names come from the datasets (``e_form``, ``bandgap``, ``k_vrh``, JARVIS's
+``formation_energy_peratom`` ...). Downstream users should not need to know which dataset a
+model was trained on, so every target gets one stable, ASE-style property name and a unit
+(``formation_energy_per_atom`` in eV/atom, ``band_gap`` in eV, ``bulk_modulus_vrh`` in GPa).
+Names we do not know pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .checkpoint import list_models, load_model
+from .config import TargetSpec
+from .errors import CheckpointError
+from .model import Crystalformer
+
+#: The paper, as its authors cite it (github.com/omron-sinicx/crystalformer README).
+CRYSTALFORMER_BIBTEX = """@inproceedings{taniai2024crystalformer,
+  title     = {Crystalformer: Infinitely Connected Attention for Periodic Structure Encoding},
+  author    = {Tatsunori Taniai and Ryo Igarashi and Yuta Suzuki and Naoya Chiba and
+               Kotaro Saito and Yoshitaka Ushiku and Kanta Ono},
+  booktitle = {The Twelfth International Conference on Learning Representations (ICLR 2024)},
+  year      = {2024},
+  url       = {https://openreview.net/forum?id=fxQiecl9HB}
+}"""
+
+DTypeName = Literal["float32", "float64"]
+ModelSpec = str | Path | Crystalformer
+
+#: Normalised training name -> (property name, unit). Keys are lower case with spaces and
+#: hyphens turned into underscores. Distinct quantities keep distinct names (the JARVIS
+#: OptB88vdW and TBmBJ gaps are not the MP PBE gap).
+TARGET_ALIASES: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(
+        ("e_form", "eform", "formation_energy_per_atom", "formation_energy_peratom"),
+        ("formation_energy_per_atom", "eV/atom"),
+    ),
+    **dict.fromkeys(
+        ("bandgap", "band_gap", "gap_pbe", "gappbe", "dft_band_gap"), ("band_gap", "eV")
+    ),
+    "optb88vdw_bandgap": ("band_gap_optb88vdw", "eV"),
+    "mbj_bandgap": ("band_gap_mbj", "eV"),
+    **dict.fromkeys(
+        ("energy_per_atom", "e_total", "total_energy_per_atom"), ("energy_per_atom", "eV/atom")
+    ),
+    "optb88vdw_total_energy": ("energy_per_atom_optb88vdw", "eV/atom"),
+    **dict.fromkeys(
+        ("ehull", "e_hull", "e_above_hull", "energy_above_hull"), ("energy_above_hull", "eV/atom")
+    ),
+    **dict.fromkeys(("k_vrh", "bulk_modulus", "bulk_modulus_vrh"), ("bulk_modulus_vrh", "GPa")),
+    **dict.fromkeys(("g_vrh", "shear_modulus", "shear_modulus_vrh"), ("shear_modulus_vrh", "GPa")),
+    "bulk_modulus_kv": ("bulk_modulus_voigt", "GPa"),
+    "shear_modulus_gv": ("shear_modulus_voigt", "GPa"),
+}
+
+#: Names a target may not take: ASE's own properties and the calculator's extras. An
+#: energy-type target named "energy" is a per-atom value, not ASE's total energy.
+RESERVED_NAMES = frozenset(
+    {
+        "energy", "free_energy", "forces", "stress", "stresses", "energies", "dipole",
+        "charges", "magmom", "magmoms", "dielectric_tensor", "born_effective_charges",
+        "polarization", "embedding",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TargetProperty:
+    """One model output as a named property: ``model``/``column`` say where it comes from."""
+
+    name: str  # property name, e.g. "formation_energy_per_atom"
+    unit: str  # e.g. "eV/atom"
+    model: int  # index into the loaded models
+    column: int  # column of that model's (B, T) output
+    target: TargetSpec  # the training target it reports
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else goes to ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: DTypeName | torch.dtype) -> torch.dtype:
+    """float64 is for finite-difference checks and phonons; float32 for everything else."""
+    choices = {"float32": torch.float32, "float64": torch.float64}
+    if isinstance(dtype, torch.dtype) and dtype in choices.values():
+        return dtype
+    if dtype in choices:
+        return choices[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported; use 'float32' or 'float64'")
+
+
+def model_label(spec: ModelSpec, index: int) -> str:
+    """A short name for a model: its shipped name, its checkpoint folder, or model<index>."""
+    if isinstance(spec, Crystalformer):
+        metadata = getattr(spec, "metadata", None)
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        return str(name) if name else f"model{index}"
+    path = Path(spec)
+    if path.suffix == ".safetensors":
+        return path.parent.name if path.stem == "model" else path.stem
+    return path.name
+
+
+def load_models(
+    spec: ModelSpec | Sequence[ModelSpec] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[tuple[str, Crystalformer]]:
+    """Resolve ``spec`` into labelled models on ``device``/``dtype``.
+
+    ``None`` means every shipped model. A ``Crystalformer`` passed in is used as is when it
+    already sits on ``device``/``dtype``; otherwise a copy is moved, so the caller's model
+    is never changed behind its back.
+    """
+    if spec is None:
+        names: list[ModelSpec] = list(list_models())
+        if not names:
+            raise CheckpointError(
+                "no model given and no shipped model found; pass model=<name, checkpoint path "
+                "or Crystalformer>, or point CRYSTALFORMER_MODELS at a folder of checkpoints"
+            )
+    elif isinstance(spec, (str, Path, Crystalformer)):
+        names = [spec]
+    else:
+        names = list(spec)
+        if not names:
+            raise ValueError("model=[] names no model; pass at least one")
+    out: list[tuple[str, Crystalformer]] = []
+    for index, item in enumerate(names):
+        if isinstance(item, Crystalformer):
+            model = item
+            if model.device != device or model.dtype != dtype:
+                model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        elif isinstance(item, (str, Path)):
+            model = load_model(item, device=device).to(dtype=dtype)
+        else:
+            raise TypeError(
+                f"model {index}: expected a model name, a checkpoint path or a Crystalformer, "
+                f"got {type(item).__name__}"
+            )
+        out.append((model_label(item, index), model))
+    return out
+
+
+def _sanitise(label: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]+", "_", label).strip("_") or "model"
+
+
+def property_name(target: TargetSpec) -> tuple[str, str]:
+    """The ASE-style name and unit of one training target (before de-duplication)."""
+    key = re.sub(r"[\s\-]+", "_", target.name.strip().lower())
+    name, unit = TARGET_ALIASES.get(key, (target.name, ""))
+    if name in RESERVED_NAMES:
+        name = "energy_per_atom" if target.kind == "energy" else f"{name}_prediction"
+    if target.kind == "energy":
+        unit = "eV/atom"
+    return name, target.unit or unit
+
+
+def target_properties(models: Sequence[tuple[str, Crystalformer]]) -> list[TargetProperty]:
+    """Name every target of every model; a repeated name gets the model's label appended."""
+    out: list[TargetProperty] = []
+    taken: set[str] = set()
+    for m, (label, model) in enumerate(models):
+        for column, target in enumerate(model.config.targets):
+            name, unit = property_name(target)
+            if name in taken:
+                base = f"{name}_{_sanitise(label)}"
+                name, k = base, 2
+                while name in taken:
+                    name, k = f"{base}_{k}", k + 1
+            taken.add(name)
+            out.append(TargetProperty(name, unit, m, column, target))
+    return out
+
+
+@contextmanager
+def eval_mode(models: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Evaluate in eval mode and restore each model's own mode afterwards."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def describe_models(models: Sequence[tuple[str, Any]]) -> str:
+    """'a, b' for error messages."""
+    return ", ".join(label for label, _ in models) or "none"

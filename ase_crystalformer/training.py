@@ -1,0 +1,460 @@
+"""Training and fine-tuning with the paper's recipe: AdamW, inverse-sqrt LR, clipping, SWA.
+
+A run directory holds everything needed to watch, stop and resume a run:
+
+* ``latest.safetensors``, ``best.safetensors``, ``swa.safetensors``: models (checkpoint format);
+* ``state.pt``: optimizer, scheduler, SWA and RNG state, read with ``weights_only=True``;
+* ``log.jsonl``: one line per epoch; ``report.json``: val/test metrics at the end.
+
+Every file is written atomically at the end of an epoch, so a run killed at any moment
+loses at most the epoch in progress, and ``resume=True`` continues bit for bit.
+Under ``torchrun`` each process takes a slice of every batch (DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import ModelConfig, TargetSpec, TrainConfig
+from .data import Dataset
+from .errors import DataError, StructureError
+from .forces import energy_forces_stress
+from .geometry import Window, build_window, collate
+from .model import Crystalformer
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "state.pt"
+
+
+@dataclass
+class Example:
+    """One training structure: its window, its transformed targets and optional labels."""
+
+    id: str
+    window: Window
+    y: np.ndarray  # (T,) transformed targets, NaN where missing
+    forces: np.ndarray | None
+    stress: np.ndarray | None  # (3, 3)
+
+
+def transform_targets(values: np.ndarray, specs: Sequence[TargetSpec]) -> np.ndarray:
+    """Apply each target's transform to a (n, T) array; log10 needs positive values."""
+    out = np.array(values, dtype=float)
+    for t, spec in enumerate(specs):
+        if spec.transform == "log10":
+            column = out[:, t]
+            if (column[np.isfinite(column)] <= 0).any():
+                raise DataError(f"target {spec.name!r}: log10 transform needs positive values")
+            out[:, t] = np.log10(column)
+    return out
+
+
+def make_examples(
+    dataset: Dataset, indices: Sequence[int], specs: Sequence[TargetSpec], cutoff: float
+) -> tuple[list[Example], list[tuple[str, str]]]:
+    """Windows and targets for ``indices``; structures the model refuses are skipped."""
+    examples, skipped = [], []
+    raw = np.full((len(indices), len(specs)), np.nan)
+    for row, index in enumerate(indices):
+        record = dataset.records[index]
+        for t, spec in enumerate(specs):
+            value = record.targets.get(_source_name(spec))
+            if value is not None:
+                raw[row, t] = value / len(record.atoms) if spec.kind == "energy" else value
+    values = transform_targets(raw, specs)
+    for row, index in enumerate(indices):
+        record = dataset.records[index]
+        try:
+            window = build_window(record.atoms, cutoff, label=f"{record.id}")
+        except StructureError as err:
+            skipped.append((record.id, str(err)))
+            continue
+        stress = None
+        if record.stress is not None:
+            from ase.stress import voigt_6_to_full_3x3_stress
+
+            stress = voigt_6_to_full_3x3_stress(np.asarray(record.stress))
+        examples.append(Example(record.id, window, values[row], record.forces, stress))
+    return examples, skipped
+
+
+def _source_name(spec: TargetSpec) -> str:
+    """Data column of a target: an energy target is learnt per atom from total ``energy``."""
+    return "energy" if spec.kind == "energy" else spec.name
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of the sorted ids: recorded in checkpoints to prove which data trained them."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def _to_batch(examples: Sequence[Example], dtype: torch.dtype, device: torch.device):
+    batch = collate([e.window for e in examples], dtype).to(device)
+    y = torch.as_tensor(np.stack([e.y for e in examples]), dtype=dtype, device=device)
+    return batch, y
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on every trainable parameter except biases (spec §5)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if "bias" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when available; a CUDA request without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+class Trainer:
+    """Runs the recipe of ``TrainConfig`` on a model and a dataset split into train/val."""
+
+    def __init__(
+        self,
+        model: Crystalformer,
+        train: list[Example],
+        val: list[Example],
+        config: TrainConfig,
+        out_dir: Path,
+        *,
+        device: torch.device,
+        metadata: dict[str, Any],
+        progress: bool = True,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.rank, self.world = _distributed()
+        self.model = model.to(device)
+        self.device = device
+        self.train_set, self.val_set = train, val
+        self.config = config
+        self.out_dir = out_dir
+        self.metadata = metadata
+        self.progress = progress and self.rank == 0
+        self.on_epoch = on_epoch
+        self.optimizer = torch.optim.AdamW(
+            _decay_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: config.lr_at(step) / config.lr
+        )
+        self.swa: torch.optim.swa_utils.AveragedModel | None = None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0
+        self.step = 0
+        self.best_val = float("inf")
+        self.wall_time = 0.0
+        self.network: nn.Module = model
+        if self.world > 1:
+            self.network = nn.parallel.DistributedDataParallel(model)
+
+    # ------------------------------------------------------------------ state and files
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "swa": None if self.swa is None else self.swa.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_val": self.best_val,
+            "wall_time": self.wall_time,
+            "train_config": json.dumps(self.config.to_dict()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["swa"] is not None:
+            self.swa = self._new_swa()
+            self.swa.load_state_dict(state["swa"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best_val = float(state["best_val"])
+        self.wall_time = float(state["wall_time"])
+
+    def resume(self) -> None:
+        path = self.out_dir / STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: nothing to resume (no training state in {self.out_dir})")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = TrainConfig.from_dict(json.loads(state["train_config"]))
+        # A run may be extended (more epochs) until SWA has begun; nothing else may change.
+        extendable = state["swa"] is None and int(state["epoch"]) < self.config.epochs - self.config.swa_epochs
+        comparable = replace(saved, epochs=self.config.epochs) if extendable else saved
+        if comparable != self.config:
+            raise ValueError(
+                f"{path}: the run was started with a different training config; "
+                f"saved {saved}, given {self.config}"
+            )
+        self.load_state_dict(state)
+        log.info("resumed %s at epoch %d, step %d", self.out_dir, self.epoch, self.step)
+
+    def _new_swa(self) -> torch.optim.swa_utils.AveragedModel:
+        # Created from the current model so that frozen buffers (σ statistics, target
+        # normalisation) are copied; only parameters are averaged.
+        return torch.optim.swa_utils.AveragedModel(self.model)
+
+    def _save_model(self, model: Crystalformer, name: str, extra: dict[str, Any]) -> None:
+        meta = {**self.metadata, **extra, "epochs_run": self.epoch, "steps": self.step,
+                "wall_time_s": round(self.wall_time, 1)}
+        save_checkpoint(model, self.out_dir / name, meta)
+
+    def swa_model(self) -> Crystalformer | None:
+        return None if self.swa is None else self.swa.module
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self) -> list[list[int]]:
+        n, size = len(self.train_set), self.config.batch_size
+        order = torch.randperm(n, generator=self.generator).tolist()
+        if n >= size:  # drop_last, as the original, unless the set is smaller than a batch
+            return [order[k : k + size] for k in range(0, n - size + 1, size)]
+        return [order]
+
+    def _loss(self, examples: list[Example]) -> torch.Tensor:
+        batch, y = _to_batch(examples, self.model.dtype, self.device)
+        c = self.config
+        wants_forces = c.force_weight > 0 and all(e.forces is not None for e in examples)
+        wants_stress = c.stress_weight > 0 and all(e.stress is not None for e in examples)
+        if wants_forces or wants_stress:
+            out = energy_forces_stress(
+                self.model, batch, forces=wants_forces, stress=wants_stress, create_graph=True
+            )
+            outputs = out["outputs"]
+        else:
+            outputs = self.network(batch)
+        target = (y - self.model.target_mean) / self.model.target_std
+        known = torch.isfinite(target)
+        loss = (outputs - target.nan_to_num()).abs()[known].mean()
+        if wants_forces:
+            ref = torch.as_tensor(np.concatenate([e.forces for e in examples]), dtype=y.dtype, device=self.device)
+            loss = loss + c.force_weight * (out["forces"] - ref).abs().mean()
+        if wants_stress:
+            ref = torch.as_tensor(np.stack([e.stress for e in examples]), dtype=y.dtype, device=self.device)
+            loss = loss + c.stress_weight * (out["stress"] - ref).abs().mean()
+        return loss
+
+    def train_epoch(self) -> dict[str, float]:
+        c = self.config
+        self.network.train()
+        in_swa = self.epoch >= c.epochs - c.swa_epochs and c.swa_epochs > 0
+        batches = self._batches()
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not self.progress,
+                   leave=False, unit="batch")
+        total, seen, start = 0.0, 0, time.perf_counter()
+        for indices in bar:
+            mine = indices[self.rank :: self.world] or indices[:1]
+            loss = self._loss([self.train_set[i] for i in mine])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
+            self.optimizer.step()
+            self.step += 1
+            if in_swa:
+                if self.swa is None:
+                    self.swa = self._new_swa()
+                self.swa.update_parameters(self.model)
+            else:
+                self.scheduler.step()
+            total += loss.item() * len(indices)
+            seen += len(indices)
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                            structs_s=f"{rate:.0f}")
+        return {"train_loss": total / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "structures_per_s": seen / (time.perf_counter() - start)}
+
+    def validate(self, model: Crystalformer | None = None) -> dict[str, float]:
+        """Mean normalised L1 (the paper's val/loss) and MAE per target in target units."""
+        model = model or self.model
+        if not self.val_set:
+            return {}
+        model.eval()
+        outs, ys = [], []
+        with torch.no_grad():
+            for k in range(0, len(self.val_set), self.config.eval_batch_size):
+                batch, y = _to_batch(self.val_set[k : k + self.config.eval_batch_size], model.dtype, self.device)
+                outs.append(model(batch))
+                ys.append(y)
+        out, y = torch.cat(outs), torch.cat(ys)
+        norm = (y - model.target_mean) / model.target_std
+        known = torch.isfinite(norm)
+        result = {"val_loss": (out - norm.nan_to_num()).abs()[known].mean().item()}
+        # MAE in the (transformed) training space, which is what the paper reports.
+        pred = out * model.target_std + model.target_mean
+        for t, spec in enumerate(model.config.targets):
+            ok = known[:, t]
+            result[f"val_mae_{spec.name}"] = (pred[ok, t] - y[ok, t]).abs().mean().item()
+        return result
+
+    def fit(self) -> None:
+        c = self.config
+        log_path = self.out_dir / "log.jsonl"
+        while self.epoch < c.epochs:
+            start = time.perf_counter()
+            stats = self.train_epoch()
+            self.epoch += 1
+            val = self.validate()
+            self.wall_time += time.perf_counter() - start
+            improved = val.get("val_loss", -1.0) < self.best_val
+            if improved:
+                self.best_val = val["val_loss"]
+            summary = {"epoch": self.epoch, "step": self.step, **stats, **val,
+                       "best_val_loss": self.best_val, "wall_time_s": round(self.wall_time, 1)}
+            if self.rank == 0:
+                if improved or not self.val_set:
+                    self._save_model(self.model, "best.safetensors", {"selected_by": "val_loss", **val})
+                self._save_model(self.model, "latest.safetensors", val)
+                if self.swa is not None:
+                    self._save_model(self.swa.module, "swa.safetensors", {"swa_epochs": c.swa_epochs})
+                _atomic_torch_save(self.state_dict(), self.out_dir / STATE_NAME)
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(summary) + "\n")
+                if self.on_epoch:
+                    self.on_epoch(summary)
+
+
+def train(
+    dataset: Dataset,
+    targets: Sequence[TargetSpec],
+    out_dir: str | Path,
+    *,
+    config: TrainConfig = TrainConfig(),
+    model_config: ModelConfig | None = None,
+    init_from: str | Path | Crystalformer | None = None,
+    freeze_encoder: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    command: str = "",
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or fine-tune, with ``init_from``) on ``dataset``'s train split; return the report.
+
+    ``targets`` name dataset columns; an ``energy``-kind target learns total energy per atom
+    (and forces/stress when their loss weights are > 0).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    if not dataset.splits.get("train"):
+        raise DataError(f"dataset {dataset.name!r} has no training split")
+    model = _initial_model(targets, model_config, init_from, freeze_encoder)
+    cutoff = model.config.cutoff
+    train_ex, skipped = make_examples(dataset, dataset.splits["train"], model.config.targets, cutoff)
+    val_ex, skipped_val = make_examples(dataset, dataset.splits.get("val", []), model.config.targets, cutoff)
+    skipped += skipped_val
+    for ident, reason in skipped:
+        log.warning("skipped %s: %s", ident, reason)
+    if not train_ex:
+        raise DataError("no usable training structure")
+    if not resume:
+        y = np.stack([e.y for e in train_ex])
+        mean, std = np.nanmean(y, axis=0), np.nanstd(y, axis=0)  # population std
+        model.target_mean.copy_(torch.as_tensor(mean))
+        model.target_std.copy_(torch.as_tensor(np.where(std > 0, std, 1.0)))
+    metadata = {
+        "data": {"name": dataset.name, **dataset.provenance},
+        "split_sizes": {k: len(v) for k, v in dataset.splits.items()},
+        "train_ids_sha256": ids_digest([e.id for e in train_ex]),
+        "val_ids_sha256": ids_digest([e.id for e in val_ex]),
+        "n_train": len(train_ex),
+        "n_skipped": len(skipped),
+        "train_config": config.to_dict(),
+        "command": command,
+        "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
+        "init_from": str(init_from) if init_from is not None and not isinstance(init_from, nn.Module) else None,
+    }
+    trainer = Trainer(model, train_ex, val_ex, config, out, device=resolve_device(device),
+                      metadata=metadata, progress=progress, on_epoch=on_epoch)
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1),
+              "n_train": len(train_ex), "skipped": skipped}
+    if trainer.rank == 0:
+        _write_json(report, out / "report.json")
+    return report
+
+
+def _initial_model(
+    targets: Sequence[TargetSpec],
+    model_config: ModelConfig | None,
+    init_from: str | Path | Crystalformer | None,
+    freeze_encoder: bool,
+) -> Crystalformer:
+    """A fresh model, or one whose encoder (and head, if the targets match) is pretrained."""
+    config = replace(model_config or ModelConfig(), targets=tuple(targets))
+    if init_from is None:
+        if freeze_encoder:
+            raise ValueError("freeze_encoder needs a pretrained model (init_from)")
+        return Crystalformer(config)
+    base = init_from if isinstance(init_from, Crystalformer) else read_checkpoint(_path(init_from))[0]
+    config = replace(base.config, targets=tuple(targets))
+    model = Crystalformer(config)
+    state = base.state_dict()
+    same_head = base.config.targets == config.targets
+    keep = {k: v for k, v in state.items() if same_head or not k.startswith(("head.", "target_"))}
+    missing, unexpected = model.load_state_dict(keep, strict=False)
+    if unexpected or any(not k.startswith(("head.", "target_")) for k in missing):
+        raise ValueError(f"cannot fine-tune from {init_from}: encoder weights do not match")
+    if freeze_encoder:
+        for name, p in model.named_parameters():
+            if not name.startswith("head."):
+                p.requires_grad_(False)
+    return model
+
+
+def _path(name_or_path: str | Path) -> Path:
+    from .checkpoint import model_path
+
+    return model_path(name_or_path)

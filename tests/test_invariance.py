@@ -1,0 +1,110 @@
+"""Exact symmetries of the model: the window is a sphere, so the cell choice cannot matter."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import make_supercell
+from conftest import spread_sigma
+from scipy.spatial.transform import Rotation
+from structures_for_tests import random_crystal
+
+from ase_crystalformer import Crystalformer, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> Crystalformer:
+    torch.manual_seed(1)
+    m = Crystalformer(ModelConfig(n_blocks=2, d_model=64, n_heads=4, d_ff=128)).double()
+    spread_sigma(m)
+    return m.eval()
+
+
+def crystals(n: int = 3, seed: int = 7) -> list[Atoms]:
+    rng = np.random.default_rng(seed)
+    return [random_crystal(rng, int(rng.integers(1, 5))) for _ in range(n)]
+
+
+def _close(a, b, rtol=1e-10):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("atoms", crystals())
+def test_rotation_and_reflection(model, atoms):
+    base = model.predict(atoms)
+    for seed in range(2):
+        q = Rotation.random(random_state=seed).as_matrix()
+        for sign in (1, -1):  # proper rotation, then rotoinversion
+            moved = atoms.copy()
+            moved.set_cell(atoms.cell @ (sign * q).T)
+            moved.positions = atoms.positions @ (sign * q).T
+            _close(model.predict(moved), base)
+
+
+@pytest.mark.parametrize("atoms", crystals())
+def test_translation_and_rewrap(model, atoms):
+    moved = atoms.copy()
+    moved.translate([0.7, -1.3, 2.9])
+    _close(model.predict(moved), model.predict(atoms))
+    moved.wrap()
+    _close(model.predict(moved), model.predict(atoms))
+
+
+def test_atom_permutation(model):
+    atoms = crystals(1, seed=3)[0].repeat((1, 1, 2))
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    _close(model.predict(atoms[perm]), model.predict(atoms))
+
+
+def test_lattice_translation_of_one_atom(model):
+    atoms = crystals(1, seed=4)[0]
+    moved = atoms.copy()
+    moved.positions[0] += atoms.cell[0] - 2 * atoms.cell[2]
+    _close(model.predict(moved), model.predict(atoms))
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        np.diag([2, 1, 1]),
+        np.diag([2, 2, 1]),
+        np.array([[1, 1, 0], [-1, 1, 0], [0, 0, 1]]),  # non-diagonal, det 2
+        np.array([[2, 1, 0], [0, 1, 1], [1, 0, 2]]),  # non-diagonal, det 5
+    ],
+)
+def test_supercells(model, matrix):
+    for atoms in crystals(2, seed=11):
+        _close(model.predict(make_supercell(atoms, matrix)), model.predict(atoms))
+
+
+@pytest.mark.parametrize(
+    "unimodular",
+    [np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]]), np.array([[0, 1, 0], [1, 0, 0], [2, 3, -1]])],
+)
+def test_unimodular_basis_change(model, unimodular):
+    assert abs(round(np.linalg.det(unimodular))) == 1
+    for atoms in crystals(2, seed=13):
+        other = atoms.copy()
+        other.set_cell(unimodular @ np.asarray(atoms.cell), scale_atoms=False)
+        other.wrap()
+        _close(model.predict(other), model.predict(atoms))
+
+
+def test_batch_independence(model):
+    structures = crystals(5, seed=21)
+    alone = np.array([model.predict(s)[0] for s in structures])
+    together = model.predict(structures)
+    reversed_ = model.predict(structures[::-1])[::-1]
+    in_pairs = model.predict(structures, batch_size=2)
+    for values in (together, reversed_, in_pairs):
+        _close(values, alone, rtol=1e-12)
+
+
+def test_batch_independence_float32():
+    torch.manual_seed(2)
+    m = Crystalformer(ModelConfig(n_blocks=2, d_model=64, n_heads=4, d_ff=128)).eval()
+    spread_sigma(m)
+    structures = crystals(4, seed=22)
+    alone = np.array([m.predict(s)[0] for s in structures])
+    np.testing.assert_allclose(m.predict(structures), alone, rtol=1e-5, atol=1e-6)
+    assert m.predict(structures).dtype == np.float32
