@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any, Literal
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from ase.calculators.calculator import (
 
 from .checkpoint import list_models, model_path
 from .errors import StructureError
+from .forces import energy_forces_stress
 from .geometry import Batch, collate, windows_for
 from .inference import (
     DTypeName,
@@ -75,9 +76,10 @@ class CrystalformerCalculator(Calculator):
         F = −∂E/∂p,      σ = (1/V) ∂E/∂ε at ε = 0,
 
     where the symmetric strain ε acts as p → p(I + ε)ᵀ, L → L(I + ε)ᵀ (ASE's sign: σ > 0
-    under tension). The window of images is fixed per structure, so these are exact
-    derivatives of the model as evaluated. Stress needs all three axes periodic (see
-    ``_SLAB_STRESS``); forces work for slabs and wires.
+    under tension). ``forces.energy_forces_stress`` computes both with one backward pass.
+    The window of images is fixed per structure, so these are exact derivatives of the
+    model as evaluated. Stress needs all three axes periodic (a slab's cell volume includes
+    vacuum; ``PropertyNotImplementedError`` otherwise); forces work for slabs and wires.
 
     What the forces mean: the gradient of a model trained on (mostly relaxed) structures
     is not a force field unless the energy model was trained on energies/forces away from
@@ -92,10 +94,11 @@ class CrystalformerCalculator(Calculator):
     structure.
     """
 
-    implemented_properties: list[str] = []  # replaced per instance in __init__
-    default_parameters: dict[str, Any] = {"batch_size": 32}
+    # implemented_properties: the base class's empty list until __init__ sets a new
+    # list on the instance (extending a class-level list would leak between instances).
+    default_parameters: ClassVar[dict[str, Any]] = {"batch_size": 32}
     # The model reads neither magnetic moments nor charges.
-    ignored_changes = {"initial_magmoms", "initial_charges"}
+    ignored_changes: ClassVar[frozenset[str]] = frozenset({"initial_magmoms", "initial_charges"})
 
     def __init__(
         self,
@@ -302,9 +305,11 @@ class CrystalformerCalculator(Calculator):
     def _evaluate(
         self, atoms_list: Sequence[Atoms], *, forces: bool, stress: bool, batch_size: int
     ) -> list[dict[str, Any]]:
-        """Every target and the embedding, plus energy/forces/stress when asked; per structure."""
+        """Every target and the embedding, plus energy/forces/stress when asked; per structure.
+
+        ``stress`` must only be asked for fully periodic structures (``_check_request``).
+        """
         results: list[dict[str, Any]] = [{} for _ in atoms_list]
-        volumes = np.array([abs(a.cell.volume) if np.all(a.pbc) else 0.0 for a in atoms_list])
         energy = self.energy_target
         with eval_mode([m for _, m in self.models]):
             for cutoff, members in self._groups.items():
@@ -315,17 +320,19 @@ class CrystalformerCalculator(Calculator):
                     rows = results[start : start + batch_size]
                     for index in members:
                         model = self.models[index][1]
+                        derivatives = None
                         if energy is not None and energy.model == index and (forces or stress):
-                            out, emb, grads = _with_gradients(
-                                model, batch, energy.column, stress,
-                                torch.as_tensor(volumes[start : start + batch_size]),
-                            )
+                            with _head_input(model) as seen:
+                                derivatives = energy_forces_stress(
+                                    model, batch, forces=True, stress=stress
+                                )
+                            emb = seen[-1].detach()  # (B, d)
+                            out = model.targets(derivatives["outputs"].detach())  # (B, T)
                         else:
                             with torch.no_grad():
                                 emb = model.embed(batch)  # (B, d)
                                 out = model.targets(model.head(emb))  # (B, T)
-                            grads = None
-                        self._fill(rows, index, batch, out, emb, grads)
+                        self._fill(rows, index, batch, out, emb, derivatives)
         return results
 
     def _fill(
@@ -335,83 +342,61 @@ class CrystalformerCalculator(Calculator):
         batch: Batch,
         out: torch.Tensor,
         emb: torch.Tensor,
-        grads: tuple[torch.Tensor, torch.Tensor | None] | None,
+        derivatives: dict[str, torch.Tensor] | None,
     ) -> None:
         """Copy one model's outputs for one batch into the per-structure result dicts."""
         values = out.detach().to("cpu", torch.float64).numpy()  # (B, T)
         n_atoms = batch.n_atoms.cpu().numpy()
         for t in self.targets:
-            if t.model != index:
-                continue
-            for b, row in enumerate(rows):
-                row[t.name] = float(values[b, t.column])
+            if t.model == index:
+                for b, row in enumerate(rows):
+                    row[t.name] = float(values[b, t.column])
         if index == 0:
-            embedding = emb.detach().to("cpu", torch.float64).numpy()
+            embedding = emb.detach().to("cpu", torch.float64).numpy()  # (B, d)
             for b, row in enumerate(rows):
                 row["embedding"] = embedding[b]
         energy = self.energy_target
-        if energy is not None and energy.model == index:
+        if energy is None or energy.model != index:
+            return
+        for b, row in enumerate(rows):
+            row["energy"] = row["free_energy"] = float(values[b, energy.column] * n_atoms[b])
+        if derivatives is None:
+            return
+        forces = derivatives["forces"].detach().to("cpu", torch.float64).numpy()  # (N, 3)
+        for b, part in enumerate(np.split(forces, np.cumsum(n_atoms)[:-1])):
+            rows[b]["forces"] = part
+        if "stress" in derivatives:
+            stress = derivatives["stress"].detach().to("cpu", torch.float64).numpy()  # (B, 3, 3)
             for b, row in enumerate(rows):
-                row["energy"] = row["free_energy"] = float(values[b, energy.column] * n_atoms[b])
-            if grads is not None:
-                forces, stress = grads
-                split = np.split(forces.cpu().numpy(), np.cumsum(n_atoms)[:-1])
-                for b, row in enumerate(rows):
-                    row["forces"] = split[b]
-                    if stress is not None and stress[b] is not None:
-                        row["stress"] = stress[b]
+                row["stress"] = stress[b][[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt
 
 
-def _with_gradients(
-    model: Crystalformer,
-    batch: Batch,
-    column: int,
-    stress: bool,
-    volumes: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, list[np.ndarray | None] | None]]:
-    """Outputs (B, T), embedding (B, d), forces (N, 3) and Voigt stresses via one backward.
+@contextmanager
+def _head_input(model: Crystalformer) -> Iterator[list[torch.Tensor]]:
+    """Record what enters the prediction head: the pooled embedding (B, d).
 
-    Positions and a zero symmetric strain per crystal are the leaves; E = n·e is summed
-    over the batch, which is fine because crystals do not interact.
+    ``forces.energy_forces_stress`` returns the outputs only; this recovers the embedding
+    from the same forward pass instead of running the model a second time.
     """
-    with torch.enable_grad():
-        leaf = batch.positions.detach().clone().requires_grad_(True)  # (N, 3)
-        inputs = [leaf]
-        positions, cells = leaf, batch.cells
-        if stress:
-            strain = torch.zeros_like(batch.cells).requires_grad_(True)  # (B, 3, 3)
-            inputs.append(strain)
-            sym = 0.5 * (strain + strain.transpose(1, 2))  # (B, 3, 3)
-            positions = leaf + torch.einsum("nij,nj->ni", sym[batch.crystal], leaf)
-            cells = batch.cells + torch.bmm(batch.cells, sym.transpose(1, 2))
-        strained = replace(batch, positions=positions, cells=cells)
-        emb = model.embed(strained)  # (B, d)
-        out = model.targets(model.head(emb))  # (B, T)
-        energy = out[:, column] * batch.n_atoms.to(out.dtype)  # (B,) eV
-        grads = torch.autograd.grad(energy.sum(), inputs)
-    forces = -grads[0].detach().to(torch.float64)  # (N, 3) eV/Å
-    voigt: list[np.ndarray | None] | None = None
-    if stress:
-        dE = grads[1].detach().to("cpu", torch.float64).numpy()  # (B, 3, 3)
-        voigt = []
-        for b, vol in enumerate(volumes.tolist()):
-            s = dE[b] / vol if vol > 0 else None
-            voigt.append(
-                None if s is None else np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
-            )
-    return out.detach(), emb.detach(), (forces, voigt)
+    seen: list[torch.Tensor] = []
+    handle = model.head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _shipped_energy_models() -> list[str]:
     """Names of shipped models with an energy target, read from checkpoint headers only."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     found = []
     for name in list_models():
         try:
             with safe_open(str(model_path(name)), framework="pt") as handle:
                 config = json.loads((handle.metadata() or {}).get("config", "{}"))
-        except Exception:  # an unreadable checkpoint is reported when it is loaded, not here
+        except (SafetensorError, OSError, ValueError) as err:  # reported when it is loaded
+            logger.debug("skipping unreadable checkpoint %s: %s", name, err)
             continue
         if any(t.get("kind") == "energy" for t in config.get("targets", [])):
             found.append(name)

@@ -67,3 +67,381 @@ def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batc
         click.echo(json.dumps(table.to_dict(orient="records"), indent=2))
     else:
         click.echo(table.to_string(index=False))
+
+
+# --------------------------------------------------------------------------- data options
+def data_options(func):
+    """Options shared by every command that reads a dataset."""
+    options = [
+        click.option("--data", "source", required=True, help="Built-in dataset name (mp-megnet, mp20, mp-elastic, perov5, carbon24) or a file (CSV, extxyz, ASE db, pymatgen or jarvis-tools JSON)."),
+        click.option("--data-dir", type=click.Path(file_okay=False), envvar="CRYSTALFORMER_DATA_DIR", help="Folder of the built-in datasets [env CRYSTALFORMER_DATA_DIR]."),
+        click.option("--structure-column", help="CSV column holding CIF/POSCAR text."),
+        click.option("--id-column", help="CSV column holding ids."),
+        click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="JSON/text file of train/val/test ids."),
+        click.option("--split-rule", "split_rule", type=click.Choice(["source", "ratio", "paper"]), help="How to split (default: the source's own split, else a seeded 80/10/10)."),
+        click.option("--primitive/--no-primitive", default=False, show_default=True, help="Primitive standard cells, as the paper's pipeline."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache parsed structures here."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(source, targets, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir, seed=123):
+    from .data import load_dataset
+    from .errors import CrystalformerError
+
+    try:
+        return load_dataset(source, targets, data_dir=data_dir, structure_column=structure_column,
+                            id_column=id_column, split_file=split_file, split=split_rule,
+                            seed=seed, primitive=primitive, cache_dir=cache_dir)
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _target_specs(names: tuple[str, ...], transforms: tuple[str, ...], units: dict[str, str], given_units: tuple[str, ...] = ()):
+    from .config import TargetSpec
+
+    chosen = {}
+    for item in transforms:
+        name, _, transform = item.partition(":")
+        if name not in names or transform not in ("log10", "none"):
+            raise click.BadParameter(f"{item!r}: expected TARGET:log10 with TARGET one of {list(names)}", param_hint="--transform")
+        chosen[name] = transform
+    units = dict(units)
+    for item in given_units:
+        name, sep, unit = item.partition(":")
+        if name not in names or not sep:
+            raise click.BadParameter(f"{item!r}: expected TARGET:UNIT with TARGET one of {list(names)}", param_hint="--unit")
+        units[name] = unit
+    specs = []
+    for name in names:
+        if name == "energy":  # total energy: learnt per atom, gives forces and stress
+            specs.append(TargetSpec("energy", "eV/atom", kind="energy"))
+        else:
+            unit = units.get(name, "")
+            specs.append(TargetSpec(name, unit, transform=chosen.get(name, "none")))
+    return specs
+
+
+def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
+    """Val and test metrics of the best-validation and SWA models of a finished run."""
+    from .checkpoint import load_model
+    from .evaluation import evaluate
+
+    report = {}
+    for kind in ("best", "swa"):
+        path = out_dir / f"{kind}.safetensors"
+        if not path.is_file():
+            continue
+        model = load_model(path, device=device)
+        for split in ("val", "test"):
+            if dataset.splits.get(split):
+                metrics, _, _ = evaluate(model, dataset, split, batch_size=batch_size)
+                report[f"{kind}_{split}"] = metrics
+    return report
+
+
+def _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
+                  swa_epochs, seed, device, resume, cutoff, blocks, force_weight, stress_weight, progress, workers,
+                  data_args):
+    import sys
+
+    from .config import ModelConfig, TrainConfig
+    from .errors import CrystalformerError
+    from .training import train
+
+    dataset = _load(source, list(targets), *data_args, seed=seed)
+    specs = _target_specs(targets, transforms, dataset.units, units)
+    try:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, swa_epochs=min(swa_epochs, epochs),
+                             seed=seed, force_weight=force_weight, stress_weight=stress_weight)
+        model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff) if init_from is None else None
+
+        def echo(summary: dict) -> None:
+            val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_"))
+            click.echo(f"epoch {summary['epoch']:>4} step {summary['step']:>6} loss {summary['train_loss']:.4f} "
+                       f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
+                       f"({summary['wall_time_s']:.0f} s)")
+
+        report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
+                       freeze_encoder=freeze_encoder, resume=resume, device=device,
+                       command=" ".join(["crystalformer", *sys.argv[1:]]), progress=progress, on_epoch=echo,
+                       num_workers=workers)
+        report["metrics"] = _final_report(Path(out), dataset, batch_size, "cuda" if device == "cuda" else "cpu")
+    except (CrystalformerError, ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    (Path(out) / "report.json").write_text(json.dumps(report, indent=2))
+    if report["skipped"]:
+        click.echo(f"skipped {len(report['skipped'])} structures (ids and reasons in report.json)")
+    for key, metrics in report["metrics"].items():
+        click.echo(f"{key}: " + ", ".join(f"{t} MAE {m['mae']:.4g} (n={m['n']})" for t, m in metrics.items()))
+
+
+def training_options(func):
+    options = [
+        click.option("--target", "targets", multiple=True, required=True, help="Target column (repeatable); 'energy' trains total energy per atom."),
+        click.option("--transform", "transforms", multiple=True, help="TARGET:log10 to learn log10 of a positive target."),
+        click.option("--unit", "units", multiple=True, help="TARGET:UNIT where the data does not say (e.g. k_vrh:GPa)."),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, log.jsonl, report.json)."),
+        click.option("--epochs", default=500, show_default=True, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
+        click.option("--lr", default=5e-4, show_default=True, type=float),
+        click.option("--swa-epochs", default=50, show_default=True, type=click.IntRange(min=0)),
+        click.option("--seed", default=123, show_default=True, type=int),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch."),
+        click.option("--force-weight", default=0.0, show_default=True, help="Weight of the force L1 loss (eV/Å)."),
+        click.option("--stress-weight", default=0.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³)."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+        click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes that collate batches."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@data_options
+@training_options
+@click.option("--cutoff", default=10.0, show_default=True, help="Window radius in Å.")
+@click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
+def train(source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir, targets,
+          transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume, force_weight, stress_weight,
+          progress, workers, cutoff, blocks):
+    """Train a Crystalformer from scratch with the paper's recipe."""
+    _run_training(source, targets, transforms, units, out, None, False, epochs, batch_size, lr, swa_epochs, seed,
+                  device, resume, cutoff, blocks, force_weight, stress_weight, progress, workers,
+                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir))
+
+
+@main.command()
+@click.option("--from", "init_from", required=True, help="Trained model name or checkpoint path.")
+@click.option("--freeze-encoder", is_flag=True, help="Train only the head MLP.")
+@data_options
+@training_options
+def finetune(init_from, freeze_encoder, source, data_dir, structure_column, id_column, split_file, split_rule,
+             primitive, cache_dir, targets, transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume,
+             force_weight, stress_weight, progress, workers):
+    """Fine-tune a trained model (a new head when the targets differ)."""
+    _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
+                  swa_epochs, seed, device, resume, 10.0, 4, force_weight, stress_weight, progress, workers,
+                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir))
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Model name or checkpoint path.")
+@data_options
+@click.option("--split", "which", type=click.Choice(["train", "val", "test", "all"]), help="Default: test when the source defines splits, else all.")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Write predictions.csv and parity.png here.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="cpu", show_default=True)
+def evaluate(model_name, source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir,
+             which, out_dir, batch_size, device):
+    """MAE, RMSE and R² of a model on a dataset split, a per-structure CSV and a parity plot."""
+    from .checkpoint import load_model
+    from .errors import CrystalformerError
+    from .evaluation import evaluate as run_evaluation
+    from .evaluation import parity_plot
+
+    try:
+        model = load_model(model_name, device=device)
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+    names = [_source_column(t) for t in model.config.targets]
+    dataset = _load(source, names, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir)
+    which = which or ("test" if dataset.splits.get("test") else "all")
+    try:
+        metrics, table, skipped = run_evaluation(model, dataset, which, batch_size=batch_size)
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+    for spec in model.config.targets:
+        m = metrics[spec.name]
+        unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
+        click.echo(f"{spec.name} [{which}, n={m['n']}]: MAE {m['mae']:.4g} {unit}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.4f}")
+    if skipped:
+        click.echo(f"skipped {len(skipped)} structures: " + "; ".join(f"{i}: {r}" for i, r in skipped[:5]))
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "predictions.csv", index=False)
+        parity_plot(table, [t.name for t in model.config.targets], out / "parity.png", title=Path(str(model_name)).name)
+        (out / "metrics.json").write_text(json.dumps({"split": which, "metrics": metrics}, indent=2))
+        click.echo(f"wrote {out / 'predictions.csv'}, {out / 'parity.png'}")
+
+
+def _source_column(spec) -> str:
+    return "energy" if spec.kind == "energy" else spec.name
+
+
+@main.command()
+def models() -> None:
+    """List the shipped models with target, units and test MAE."""
+    from .checkpoint import list_models, load_model
+
+    names = list_models()
+    if not names:
+        click.echo("no shipped models found")
+    for name in names:
+        model = load_model(name)
+        test = model.metadata.get("test_mae", {})
+        for spec in model.config.targets:
+            mae = test.get(spec.name)
+            unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
+            click.echo(f"{name:<20} {spec.name:<26} {spec.unit:<10} test MAE {mae if mae is not None else 'n/a'} {unit if mae is not None else ''}")
+
+
+# ---------------------------------------------------------------- featurize and phonons
+def _featurize_read_table(path: Path):
+    """A table from CSV (leading '# ...' lines skipped), JSON (records, columns or pandas
+    "split"; .gz/.zip too) or Parquet."""
+    import pandas as pd
+
+    from .data.files import read_csv_frame
+    from .data.parse import read_json
+
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        return read_csv_frame(path)
+    if name.endswith((".json", ".json.gz", ".zip")):
+        data = read_json(path)
+        if isinstance(data, dict) and {"columns", "data"} <= set(data):
+            return pd.DataFrame(data["data"], columns=data["columns"], index=data.get("index"))
+        return pd.DataFrame(data)
+    if name.endswith(".parquet"):
+        try:
+            return pd.read_parquet(path)
+        except ImportError as err:
+            raise click.ClickException(f"{path}: reading Parquet needs pyarrow ({err})") from err
+    raise click.ClickException(f"{path}: unknown table format; use .csv, .json or .parquet")
+
+
+def _featurize_parse(value):
+    """ase.Atoms from a cell of the structure column: CIF/POSCAR text or a pymatgen dict."""
+    from ase import Atoms
+
+    from .data.parse import atoms_from_pmg_dict, atoms_from_text
+
+    if isinstance(value, Atoms):
+        return value
+    if isinstance(value, dict):
+        return atoms_from_pmg_dict(value)
+    return atoms_from_text(value)
+
+
+def _featurize_write(table, path: Path) -> None:
+    name = path.name.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".csv"):
+        table.to_csv(path, index=False)
+    elif name.endswith(".json"):
+        table.to_json(path, orient="records", indent=1)
+    elif name.endswith(".parquet"):
+        try:
+            table.to_parquet(path, index=False)
+        except ImportError as err:
+            raise click.ClickException(f"{path}: writing Parquet needs pyarrow ({err})") from err
+    else:
+        raise click.ClickException(f"{path}: unknown output format; use .csv, .json or .parquet")
+
+
+@main.command()
+@click.argument("infile", metavar="IN", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--column", default="structure", show_default=True, help="Column holding CIF/POSCAR text or pymatgen Structure dicts (JSON).")
+@click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output table (.csv, .json or .parquet).")
+@click.option("--model", "model_name", help="Model name or checkpoint path; default: the first shipped model.")
+@click.option("--mode", type=click.Choice(["embedding", "predictions", "both"]), default="embedding", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="torch device, e.g. cpu or cuda; auto picks CUDA when present.")
+@click.option("--ignore-errors", is_flag=True, help="Give failing rows NaN features and an error column instead of stopping.")
+@click.option("--keep-structure", is_flag=True, help="Keep the structure column in the output.")
+def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, batch_size: int,
+              device: str, ignore_errors: bool, keep_structure: bool) -> None:
+    """Add Crystalformer features (embedding and/or predictions) to every row of table IN."""
+    import numpy as np
+    import pandas as pd
+
+    from .errors import CrystalformerError
+    from .featurizer import CrystalformerFeaturizer
+
+    try:
+        table = _featurize_read_table(infile)
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+    if column not in table.columns:
+        raise click.ClickException(f"{infile}: no column {column!r}; columns: {list(table.columns)}")
+    structures, failures = [], {}
+    for row, value in enumerate(table[column]):
+        try:
+            structures.append(_featurize_parse(value))
+        except (CrystalformerError, ValueError, SyntaxError) as err:
+            if not ignore_errors:
+                raise click.ClickException(f"{infile}: row {row}: cannot read the structure ({err})") from err
+            failures[row] = f"cannot read the structure: {err}"
+            structures.append(None)
+    featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size)
+    try:
+        labels = featurizer.feature_labels()
+        good = [row for row, s in enumerate(structures) if s is not None]
+        features = featurizer.featurize_many([structures[r] for r in good], ignore_errors=ignore_errors,
+                                             return_errors=ignore_errors, pbar=False)
+    except (CrystalformerError, ImportError) as err:
+        raise click.ClickException(str(err)) from err
+    values = np.full((len(table), len(labels)), np.nan)
+    errors = [failures.get(row) for row in range(len(table))]
+    for row, feats in zip(good, features):
+        values[row] = feats[: len(labels)]
+        if ignore_errors and isinstance(feats[-1], str):
+            errors[row] = feats[-1].strip().splitlines()[-1]  # the exception line, not the traceback
+    out = table if keep_structure else table.drop(columns=[column])
+    if keep_structure:  # dicts as JSON text, so that every output format can hold them
+        out = out.assign(**{column: [json.dumps(v) if isinstance(v, dict) else v for v in table[column]]})
+    out = out.reset_index(drop=True)
+    out = pd.concat([out, pd.DataFrame(values, columns=labels)], axis=1)
+    if ignore_errors:
+        out["crystalformer_error"] = errors
+    _featurize_write(out, outfile)
+    n_failed = sum(e is not None for e in errors)
+    click.echo(f"wrote {len(labels)} features for {len(table) - n_failed} of {len(table)} structures to {outfile}")
+    if n_failed:
+        click.echo(f"{n_failed} rows failed; see the crystalformer_error column")
+
+
+@main.command()
+@click.argument("structure", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); needs an energy-type target. Default: the shipped models.")
+@click.option("--supercell", nargs=3, type=click.IntRange(min=1), default=(2, 2, 2), show_default=True)
+@click.option("--displacement", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Atomic displacement in Å.")
+@click.option("--mesh", nargs=3, type=click.IntRange(min=1), default=(20, 20, 20), show_default=True, help="q-point mesh for DOS and thermal properties.")
+@click.option("--out", "out_dir", default="phonons", show_default=True, type=click.Path(file_okay=False), help="Folder for phonopy_params.yaml, band_dos.png and thermal.csv.")
+@click.option("--device", default="auto", show_default=True, help="torch device, e.g. cpu or cuda.")
+def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, int, int], displacement: float,
+            mesh: tuple[int, int, int], out_dir: str, device: str) -> None:
+    """Harmonic phonons of STRUCTURE (CIF, POSCAR, extxyz, ...): bands, DOS, thermal properties."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+    from ase.io import read
+
+    from .errors import CrystalformerError
+
+    try:
+        from .calculator import CrystalformerCalculator
+        from .phonons import run_phonons
+    except ImportError as err:
+        raise click.ClickException(str(err)) from err
+    try:
+        atoms = read(structure)
+    except Exception as err:  # ase raises many types for unreadable files
+        raise click.ClickException(f"{structure}: cannot read a structure ({err})") from err
+    try:
+        calc = CrystalformerCalculator(list(model_names) or None, device=device, dtype="float64")
+        result = run_phonons(atoms, calc, supercell=supercell, displacement=displacement, mesh=mesh, out_dir=out_dir)
+    except (CrystalformerError, PropertyNotImplementedError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    n_disp = len(result.phonopy.supercells_with_displacements)
+    click.echo(f"{atoms.get_chemical_formula()}: supercell {' x '.join(map(str, supercell))}, {n_disp} displacement(s) of {displacement} Å")
+    click.echo(f"lowest frequency {result.min_frequency:.3f} THz" + ("  (imaginary modes: not dynamically stable at this cell, or the model's curvature is unreliable here)" if result.has_imaginary_modes else ""))
+    t = result.thermal
+    i = int(abs(t["temperatures"] - 300.0).argmin())
+    click.echo(f"at {t['temperatures'][i]:.0f} K: F = {t['free_energy'][i]:.3f} kJ/mol, S = {t['entropy'][i]:.2f} J/K/mol, Cv = {t['heat_capacity'][i]:.2f} J/K/mol (per mole of primitive cells)")
+    for path in result.files.values():
+        click.echo(f"wrote {path}")

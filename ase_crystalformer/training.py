@@ -169,8 +169,10 @@ class Trainer:
         metadata: dict[str, Any],
         progress: bool = True,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        num_workers: int = 0,
     ) -> None:
         self.rank, self.world = _distributed()
+        self.num_workers = num_workers
         self.model = model.to(device)
         self.device = device
         self.train_set, self.val_set = train, val
@@ -226,11 +228,15 @@ class Trainer:
         path = self.out_dir / STATE_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: nothing to resume (no training state in {self.out_dir})")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        # Load on the CPU: the shuffling generator's state must stay a CPU tensor; the
+        # optimizer and model states are moved to the device by their load_state_dict.
+        state = torch.load(path, map_location="cpu", weights_only=True)
         saved = TrainConfig.from_dict(json.loads(state["train_config"]))
-        # A run may be extended (more epochs) until SWA has begun; nothing else may change.
-        extendable = state["swa"] is None and int(state["epoch"]) < self.config.epochs - self.config.swa_epochs
-        comparable = replace(saved, epochs=self.config.epochs) if extendable else saved
+        # Until SWA has begun, a run may be given other epochs/swa_epochs; nothing else may change.
+        extendable = state["swa"] is None and int(state["epoch"]) <= self.config.epochs - self.config.swa_epochs
+        comparable = (
+            replace(saved, epochs=self.config.epochs, swa_epochs=self.config.swa_epochs) if extendable else saved
+        )
         if comparable != self.config:
             raise ValueError(
                 f"{path}: the run was started with a different training config; "
@@ -260,8 +266,12 @@ class Trainer:
             return [order[k : k + size] for k in range(0, n - size + 1, size)]
         return [order]
 
-    def _loss(self, examples: list[Example]) -> torch.Tensor:
-        batch, y = _to_batch(examples, self.model.dtype, self.device)
+    def _collate(self, indices: list[int]):
+        # Runs in DataLoader workers when num_workers > 0: windows → padded CPU tensors.
+        batch, y = _to_batch([self.train_set[i] for i in indices], self.model.dtype, torch.device("cpu"))
+        return indices, batch, y
+
+    def _loss(self, examples: list[Example], batch, y: torch.Tensor) -> torch.Tensor:
         c = self.config
         wants_forces = c.force_weight > 0 and all(e.forces is not None for e in examples)
         wants_stress = c.stress_weight > 0 and all(e.stress is not None for e in examples)
@@ -288,12 +298,18 @@ class Trainer:
         self.network.train()
         in_swa = self.epoch >= c.epochs - c.swa_epochs and c.swa_epochs > 0
         batches = self._batches()
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not self.progress,
+        loader = torch.utils.data.DataLoader(
+            [indices[self.rank :: self.world] or indices[:1] for indices in batches],
+            batch_size=None,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{c.epochs}", disable=not self.progress,
                    leave=False, unit="batch")
         total, seen, start = 0.0, 0, time.perf_counter()
-        for indices in bar:
-            mine = indices[self.rank :: self.world] or indices[:1]
-            loss = self._loss([self.train_set[i] for i in mine])
+        for indices, batch, y in bar:
+            loss = self._loss([self.train_set[i] for i in indices], batch.to(self.device), y.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
@@ -306,7 +322,7 @@ class Trainer:
             else:
                 self.scheduler.step()
             total += loss.item() * len(indices)
-            seen += len(indices)
+            seen += len(indices) * self.world
             rate = seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                             structs_s=f"{rate:.0f}")
@@ -377,6 +393,7 @@ def train(
     command: str = "",
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Train (or fine-tune, with ``init_from``) on ``dataset``'s train split; return the report.
 
@@ -415,7 +432,8 @@ def train(
         "init_from": str(init_from) if init_from is not None and not isinstance(init_from, nn.Module) else None,
     }
     trainer = Trainer(model, train_ex, val_ex, config, out, device=resolve_device(device),
-                      metadata=metadata, progress=progress, on_epoch=on_epoch)
+                      metadata=metadata, progress=progress, on_epoch=on_epoch,
+                      num_workers=num_workers)
     if resume:
         trainer.resume()
     trainer.fit()

@@ -11,9 +11,8 @@ from ase.calculators.calculator import Calculator, CalculatorSetupError, Propert
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 from ase.io import read, write
 
-from ase_crystalformer import Crystalformer, ModelConfig, StructureError, TargetSpec
+from ase_crystalformer import Crystalformer, ModelConfig, StructureError, TargetSpec, inference
 from ase_crystalformer import calculator as calculator_module
-from ase_crystalformer import inference
 from ase_crystalformer.calculator import CrystalformerCalculator
 from ase_crystalformer.checkpoint import save_checkpoint
 from ase_crystalformer.errors import CheckpointError
@@ -205,7 +204,7 @@ def test_loading_by_path_and_default(tmp_path, monkeypatch) -> None:
     save_checkpoint(tiny_model(ENERGY), tmp_path / "tiny-energy" / "model.safetensors")
     calc = CrystalformerCalculator(str(tmp_path / "tiny-energy"), device="cpu")
     assert calc.parameters["models"] == ["tiny-energy"]
-    monkeypatch.setattr(inference, "list_models", lambda: [])
+    monkeypatch.setattr(inference, "list_models", list)
     with pytest.raises(CheckpointError, match="no shipped model"):
         CrystalformerCalculator()
     monkeypatch.setattr(inference, "list_models", lambda: [str(tmp_path / "tiny-energy")])

@@ -23,8 +23,8 @@ from .splits import paper_split, ratio_split, read_split_file, split_by_ids
 
 __all__ = [
     "BUILTIN_NAMES",
-    "Dataset",
     "ENV_VAR",
+    "Dataset",
     "Record",
     "load_dataset",
     "paper_split",
@@ -97,7 +97,9 @@ def load_dataset(
         files = [path]
 
         def read():
-            return load_file(path, structure_column=structure_column, id_column=id_column, kind=kind)
+            return load_file(
+                path, structure_column=structure_column, id_column=id_column, kind=kind
+            )
 
     target = None
     if cache_dir is not None:
@@ -109,8 +111,13 @@ def load_dataset(
     start = time.perf_counter()
     dataset = assemble(read(), options)
     dataset.provenance["load_seconds"] = round(time.perf_counter() - start, 3)
-    logger.info("loaded %s: %d records, splits %s, %d skipped", dataset.name, len(dataset),
-                dataset.provenance.get("split_sizes"), len(dataset.skipped))
+    logger.info(
+        "loaded %s: %d records, splits %s, %d skipped",
+        dataset.name,
+        len(dataset),
+        dataset.provenance.get("split_sizes"),
+        len(dataset.skipped),
+    )
     if target is not None:
         dataset.provenance["cache_file"] = str(target)
         save_cached(target, dataset)

@@ -27,11 +27,15 @@ ENV_VAR = "CRYSTALFORMER_DATA_DIR"
 
 MP_CACHES = ("mp20/val", "mp20/test", "mp_li/train", "mp_li/val")
 MP2015 = "mp_2015/flla_2015.csv"
-LEADERBOARD = {"e_form": "jarvis_leaderboard/megnet_e_form.json.zip",
-               "band_gap": "jarvis_leaderboard/megnet_gappbe.json.zip"}
-ELASTIC = ("mp_elastic/mp-binary-pbe-elasticity-2025.1.json.gz",
-           "mp_elastic/brgoch_superhard_training.json.gz",
-           "mp_elastic/elastic_tensor_2015.csv")
+LEADERBOARD = {
+    "e_form": "jarvis_leaderboard/megnet_e_form.json.zip",
+    "band_gap": "jarvis_leaderboard/megnet_gappbe.json.zip",
+}
+ELASTIC = (
+    "mp_elastic/mp-binary-pbe-elasticity-2025.1.json.gz",
+    "mp_elastic/brgoch_superhard_training.json.gz",
+    "mp_elastic/elastic_tensor_2015.csv",
+)
 NPY_FILES = ("pos.npy", "cell.npy", "atomic_numbers.npy", "num_atoms.npy", "structure_id.npy")
 
 
@@ -52,9 +56,7 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
 def _require(root: Path, name: str, relative: list[str]) -> list[Path]:
     missing = [r for r in relative if not (root / r).is_file()]
     if missing:
-        raise DataError(
-            f"{name}: data directory {root} (data_dir= or ${ENV_VAR}) lacks {missing}"
-        )
+        raise DataError(f"{name}: data directory {root} (data_dir= or ${ENV_VAR}) lacks {missing}")
     return [root / r for r in relative]
 
 
@@ -66,8 +68,10 @@ def _npy_cache(folder: Path) -> tuple[list[str], Callable[[int], Any]]:
     arrays = {f[:-4]: np.load(folder / f) for f in NPY_FILES}
     num = arrays["num_atoms"].astype(int)
     offsets = np.concatenate([[0], np.cumsum(num)])
-    if not (len(arrays["cell"]) == len(num) == len(arrays["structure_id"])
-            and offsets[-1] == len(arrays["pos"]) == len(arrays["atomic_numbers"])):
+    if not (
+        len(arrays["cell"]) == len(num) == len(arrays["structure_id"])
+        and offsets[-1] == len(arrays["pos"]) == len(arrays["atomic_numbers"])
+    ):
         raise DataError(f"{folder}: numpy cache arrays have inconsistent lengths")
     pos, cell, numbers = arrays["pos"], arrays["cell"], arrays["atomic_numbers"]
 
@@ -93,8 +97,10 @@ def _mp_megnet_files(root: Path) -> list[Path]:
     caches = [root / c / f for c in MP_CACHES if (root / c).is_dir() for f in NPY_FILES]
     csvs = sorted((root / "mp40").glob("part*.csv")) + [p for p in [root / MP2015] if p.is_file()]
     if not caches and not csvs:
-        raise DataError(f"mp-megnet: data directory {root} has no MP structures "
-                        f"({list(MP_CACHES)}, mp40/part*.csv, {MP2015})")
+        raise DataError(
+            f"mp-megnet: data directory {root} has no MP structures "
+            f"({list(MP_CACHES)}, mp40/part*.csv, {MP2015})"
+        )
     return files + caches + csvs
 
 
@@ -120,7 +126,7 @@ def _load_mp_megnet(root: Path) -> Source:
     csvs += [(root / MP2015, "structure")] if (root / MP2015).is_file() else []
     for path, column in csvs:
         frame = read_csv_frame(path)
-        for rid, text in zip(frame["material_id"].astype(str), frame[column]):
+        for rid, text in zip(frame["material_id"].astype(str), frame[column], strict=True):
             if rid in split_of and rid not in found:
                 found[rid] = (str(path.relative_to(root)), partial(atoms_from_text, text))
     entries = []
@@ -133,11 +139,16 @@ def _load_mp_megnet(root: Path) -> Source:
         origins[origin] = origins.get(origin, 0) + 1
     leaderboard_sizes = {s: len(labels["e_form"].get(s, {})) for s in SPLIT_NAMES}
     return Source(
-        name="mp-megnet", entries=entries, units={"e_form": "eV/atom", "band_gap": "eV"},
+        name="mp-megnet",
+        entries=entries,
+        units={"e_form": "eV/atom", "band_gap": "eV"},
         native_split="labels",
-        provenance={"files": [str(p) for p in _mp_megnet_files(root)], "structure_origin": origins,
-                    "leaderboard_sizes": leaderboard_sizes,
-                    "labels": "MEGNet mp.2018.6.1 via JARVIS-Leaderboard"},
+        provenance={
+            "files": [str(p) for p in _mp_megnet_files(root)],
+            "structure_origin": origins,
+            "leaderboard_sizes": leaderboard_sizes,
+            "labels": "MEGNet mp.2018.6.1 via JARVIS-Leaderboard",
+        },
     )
 
 
@@ -162,26 +173,52 @@ def _load_mp20(root: Path) -> Source:
                 seen.add(rid)
                 targets = {"formation_energy_per_atom": e_form[i], "band_gap": gap[i]}
                 entries.append(Entry(rid, targets, partial(make, i)))
-    return Source("mp20", entries, {"formation_energy_per_atom": "eV/atom", "band_gap": "eV"},
-                  provenance={"files": [str(p) for p in _mp20_files(root)]})
+    return Source(
+        "mp20",
+        entries,
+        {"formation_energy_per_atom": "eV/atom", "band_gap": "eV"},
+        provenance={"files": [str(p) for p in _mp20_files(root)]},
+    )
 
 
-def _csv_set(name: str, folder: str, parts: tuple[str, ...], targets: tuple[str, ...],
-             unit: str, labelled: bool, root: Path) -> Source:
-    """A CDVAE-style CSV set (P1 CIF in ``cif``); ``labelled``: the file names are the split."""
-    entries, sizes = [], {}
-    for part in parts:
-        path = root / folder / f"{part}.csv"
-        rows, _ = csv_entries(read_csv_frame(path), path, structure_column="cif",
-                              id_column="material_id", target_columns=targets)
-        for entry in rows:
-            entry.split = part if labelled else None
-        entries += rows
-        sizes[part] = len(rows)
-    return Source(name, entries, dict.fromkeys(targets, unit),
-                  native_split="labels" if labelled else None,
-                  provenance={"files": [str(root / folder / f"{p}.csv") for p in parts],
-                              "rows_per_file": sizes})
+@dataclass(frozen=True)
+class CsvSet:
+    """A CDVAE-style CSV dataset: P1 CIF in ``cif``, id in ``material_id``, one file per part.
+
+    ``labelled``: the part names are the split (perov_5); otherwise there is none (carbon_24).
+    """
+
+    name: str
+    folder: str
+    parts: tuple[str, ...]
+    targets: tuple[str, ...]
+    unit: str
+    labelled: bool
+
+    def files(self, root: Path) -> list[Path]:
+        return _require(root, self.name, [f"{self.folder}/{p}.csv" for p in self.parts])
+
+    def load(self, root: Path) -> Source:
+        entries, sizes = [], {}
+        for path, part in zip(self.files(root), self.parts, strict=True):
+            rows, _ = csv_entries(
+                read_csv_frame(path),
+                path,
+                structure_column="cif",
+                id_column="material_id",
+                target_columns=self.targets,
+            )
+            for entry in rows:
+                entry.split = part if self.labelled else None
+            entries += rows
+            sizes[part] = len(rows)
+        return Source(
+            self.name,
+            entries,
+            dict.fromkeys(self.targets, self.unit),
+            native_split="labels" if self.labelled else None,
+            provenance={"files": [str(p) for p in self.files(root)], "rows_per_file": sizes},
+        )
 
 
 # -- mp-elastic ---------------------------------------------------------------------------
@@ -191,21 +228,41 @@ def _elastic_rows(root: Path) -> list[tuple[str, Any, Any, Any, Any]]:
     """(origin, id, K, G, structure) of the three files, in precedence order."""
     rows = []
     for r in read_json(root / ELASTIC[0]):
-        rows.append((ELASTIC[0], r.get("mp_id"), r.get("bulk_modulus_vrh"),
-                     r.get("shear_modulus_vrh"), r.get("structure")))
+        rows.append(
+            (
+                ELASTIC[0],
+                r.get("mp_id"),
+                r.get("bulk_modulus_vrh"),
+                r.get("shear_modulus_vrh"),
+                r.get("structure"),
+            )
+        )
     table = read_json(root / ELASTIC[1])
     for values in table["data"]:
-        r = dict(zip(table["columns"], values))
-        rows.append((ELASTIC[1], r.get("material_id"), r.get("bulk_modulus"),
-                     r.get("shear_modulus"), r.get("structure")))
+        r = dict(zip(table["columns"], values, strict=True))
+        rows.append(
+            (
+                ELASTIC[1],
+                r.get("material_id"),
+                r.get("bulk_modulus"),
+                r.get("shear_modulus"),
+                r.get("structure"),
+            )
+        )
     frame = read_csv_frame(root / ELASTIC[2])
-    for rid, k, g, s in zip(frame["material_id"], frame["K_VRH"], frame["G_VRH"], frame["structure"]):
+    for rid, k, g, s in zip(
+        frame["material_id"], frame["K_VRH"], frame["G_VRH"], frame["structure"], strict=True
+    ):
         rows.append((ELASTIC[2], rid, k, g, s))
     return rows
 
 
 def _parse_any(structure: Any) -> Any:
-    return atoms_from_pmg_dict(structure) if isinstance(structure, dict) else atoms_from_text(structure)
+    return (
+        atoms_from_pmg_dict(structure)
+        if isinstance(structure, dict)
+        else atoms_from_text(structure)
+    )
 
 
 def _load_elastic(root: Path) -> Source:
@@ -228,15 +285,26 @@ def _load_elastic(root: Path) -> Source:
             overridden += 1
         else:
             chosen[rid] = (origin, k, g, structure)
-    entries = [Entry(rid, {"k_vrh": k, "g_vrh": g}, partial(_parse_any, s))
-               for rid, (_, k, g, s) in sorted(chosen.items())]
+    entries = [
+        Entry(rid, {"k_vrh": k, "g_vrh": g}, partial(_parse_any, s))
+        for rid, (_, k, g, s) in sorted(chosen.items())
+    ]
     origins: dict[str, int] = {}
     for origin, *_ in chosen.values():
         origins[origin] = origins.get(origin, 0) + 1
-    return Source("mp-elastic", entries, {"k_vrh": "GPa", "g_vrh": "GPa"}, native_split="paper",
-                  provenance={"files": [str(root / f) for f in ELASTIC], "structure_origin": origins,
-                              "dropped_no_id": no_id, "dropped_nonpositive_modulus": bad_modulus,
-                              "duplicates_lower_precedence": overridden})
+    return Source(
+        "mp-elastic",
+        entries,
+        {"k_vrh": "GPa", "g_vrh": "GPa"},
+        native_split="paper",
+        provenance={
+            "files": [str(root / f) for f in ELASTIC],
+            "structure_origin": origins,
+            "dropped_no_id": no_id,
+            "dropped_nonpositive_modulus": bad_modulus,
+            "duplicates_lower_precedence": overridden,
+        },
+    )
 
 
 # -- registry -----------------------------------------------------------------------------
@@ -251,21 +319,30 @@ class Builtin:
 
 
 def _jarvis_builtin(kind: str) -> Builtin:
-    return Builtin(lambda root: [jarvis.find_file(root, kind)],
-                   lambda root: jarvis.load_jarvis(jarvis.find_file(root, kind), kind=kind))
+    return Builtin(
+        lambda root: [jarvis.find_file(root, kind)],
+        lambda root: jarvis.load_jarvis(jarvis.find_file(root, kind), kind=kind),
+    )
 
 
-_PEROV = ("perov5", "perov_5", ("train", "val", "test"), ("heat_all", "heat_ref", "dir_gap", "ind_gap"), "eV", True)
-_CARBON = ("carbon24", "carbon_24", ("val", "test"), ("energy_per_atom",), "eV/atom", False)
+PEROV5 = CsvSet(
+    "perov5",
+    "perov_5",
+    ("train", "val", "test"),
+    ("heat_all", "heat_ref", "dir_gap", "ind_gap"),
+    "eV",
+    labelled=True,
+)
+CARBON24 = CsvSet(
+    "carbon24", "carbon_24", ("val", "test"), ("energy_per_atom",), "eV/atom", labelled=False
+)
 
 BUILTINS: dict[str, Builtin] = {
     "mp-megnet": Builtin(_mp_megnet_files, _load_mp_megnet),
     "mp20": Builtin(_mp20_files, _load_mp20),
     "mp-elastic": Builtin(lambda root: _require(root, "mp-elastic", list(ELASTIC)), _load_elastic),
-    "perov5": Builtin(lambda root: _require(root, "perov5", [f"perov_5/{p}.csv" for p in _PEROV[2]]),
-                      partial(_csv_set, *_PEROV)),
-    "carbon24": Builtin(lambda root: _require(root, "carbon24", [f"carbon_24/{p}.csv" for p in _CARBON[2]]),
-                        partial(_csv_set, *_CARBON)),
+    "perov5": Builtin(PEROV5.files, PEROV5.load),
+    "carbon24": Builtin(CARBON24.files, CARBON24.load),
     "megnet": _jarvis_builtin("megnet"),
     "dft_3d_2021": _jarvis_builtin("dft_3d_2021"),
 }

@@ -26,14 +26,21 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-def cache_key(source: str, files: Sequence[Path], options: Options, extra: dict | None = None) -> str:
+def cache_key(
+    source: str, files: Sequence[Path], options: Options, extra: dict | None = None
+) -> str:
     """A hex digest of everything that determines the dataset."""
     stamp = []
     for path in [*files, *([Path(options.split_file)] if options.split_file else [])]:
         stat = path.stat()
         stamp.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    payload = {"version": CACHE_VERSION, "source": source, "files": stamp,
-               "options": asdict(options), "extra": extra or {}}
+    payload = {
+        "version": CACHE_VERSION,
+        "source": source,
+        "files": stamp,
+        "options": asdict(options),
+        "extra": extra or {},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -19,20 +19,32 @@ import pandas as pd
 
 from ..errors import DataError
 from .jarvis import is_jarvis, load_jarvis
-from .parse import atoms_from_pmg_dict, atoms_from_text, clean_atoms, first_present, read_json, voigt_stress
+from .parse import (
+    atoms_from_pmg_dict,
+    atoms_from_text,
+    clean_atoms,
+    first_present,
+    read_json,
+    voigt_stress,
+)
 from .pipeline import Source
-from .records import Entry, unit_of
+from .records import Entry
 from .splits import normalise_split_name
 
 logger = logging.getLogger(__name__)
 
 STRUCTURE_COLUMNS = ("cif", "structure", "poscar")
 ID_CANDIDATES = ("id", "material_id", "mp_id", "mpid", "jid", "structure_id", "name", "uid")
+#: Units of the quantities ASE itself defines (calculator results); other targets get "".
+ASE_UNITS = {"energy": "eV", "free_energy": "eV"}
 SUFFIXES = (".csv", ".xyz", ".extxyz", ".db", ".json", ".json.gz", ".json.zip")
 
 
 def load_file(
-    path: Path, *, structure_column: str | None = None, id_column: str | None = None,
+    path: Path,
+    *,
+    structure_column: str | None = None,
+    id_column: str | None = None,
     kind: str | None = None,
 ) -> Source:
     """Dispatch on the file name; JSON is told apart (jarvis-tools or pymatgen) by content."""
@@ -47,7 +59,9 @@ def load_file(
         data = read_json(path)
         if is_jarvis(data):
             return load_jarvis(path, data, kind=kind, id_column=id_column)
-        return load_pymatgen_json(path, data, structure_column=structure_column, id_column=id_column)
+        return load_pymatgen_json(
+            path, data, structure_column=structure_column, id_column=id_column
+        )
     raise DataError(f"{path}: unsupported file type; use one of {list(SUFFIXES)}")
 
 
@@ -69,8 +83,12 @@ def read_csv_frame(path: Path) -> pd.DataFrame:
 
 
 def csv_entries(
-    frame: pd.DataFrame, path: Path, *, structure_column: str | None = None,
-    id_column: str | None = None, target_columns: Sequence[str] | None = None,
+    frame: pd.DataFrame,
+    path: Path,
+    *,
+    structure_column: str | None = None,
+    id_column: str | None = None,
+    target_columns: Sequence[str] | None = None,
 ) -> tuple[list[Entry], list[str]]:
     """Entries of a CSV frame and the target columns used."""
     columns = [str(c) for c in frame.columns]
@@ -87,24 +105,37 @@ def csv_entries(
     if target_columns is None:
         skip = {column, id_col, split_col}
         target_columns = [
-            c for c in columns
-            if c not in skip and not c.startswith("Unnamed:")
-            and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+            c
+            for c in columns
+            if c not in skip
+            and not c.startswith("Unnamed:")
+            and pd.api.types.is_numeric_dtype(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])
         ]
     values = {t: pd.to_numeric(frame[t], errors="coerce").to_numpy(float) for t in target_columns}
     texts = frame[column].tolist()
     raw_ids = frame[id_col].tolist() if id_col else [None] * len(frame)
     splits = frame[split_col].tolist() if split_col else [None] * len(frame)
     entries = []
-    for row, (text, rid, label) in enumerate(zip(texts, raw_ids, splits)):
-        rid = f"{path.stem}:{row}" if rid is None or (isinstance(rid, float) and math.isnan(rid)) else str(rid)
-        split = None if label is None or pd.isna(label) else normalise_split_name(label, f"{path} row {row}")
+    for row, (text, rid, label) in enumerate(zip(texts, raw_ids, splits, strict=True)):
+        rid = (
+            f"{path.stem}:{row}"
+            if rid is None or (isinstance(rid, float) and math.isnan(rid))
+            else str(rid)
+        )
+        split = (
+            None
+            if label is None or pd.isna(label)
+            else normalise_split_name(label, f"{path} row {row}")
+        )
         targets = {t: float(v[row]) for t, v in values.items()}
         entries.append(Entry(rid, targets, partial(atoms_from_text, text), split))
     return entries, list(target_columns)
 
 
-def load_csv(path: Path, *, structure_column: str | None = None, id_column: str | None = None) -> Source:
+def load_csv(
+    path: Path, *, structure_column: str | None = None, id_column: str | None = None
+) -> Source:
     """A CSV with a CIF/POSCAR/pymatgen-dict structure column and numeric target columns."""
     entries, targets = csv_entries(
         read_csv_frame(path), path, structure_column=structure_column, id_column=id_column
@@ -116,7 +147,9 @@ def load_csv(path: Path, *, structure_column: str | None = None, id_column: str 
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
 
 
 def choose_id_key(rows: Sequence[dict[str, Any]], id_column: str | None, path: Path) -> str | None:
@@ -128,7 +161,11 @@ def choose_id_key(rows: Sequence[dict[str, Any]], id_column: str | None, path: P
     keys = sorted({k for r in rows for k in r if str(k).lower().endswith("id")})
     for key in [*ID_CANDIDATES, *keys]:
         values = [r.get(key) for r in rows]
-        if values and all(v is not None for v in values) and len(set(map(str, values))) == len(values):
+        if (
+            values
+            and all(v is not None for v in values)
+            and len(set(map(str, values))) == len(values)
+        ):
             return key
     return None
 
@@ -155,14 +192,16 @@ def load_extxyz(path: Path, *, id_column: str | None = None) -> Source:
         forces = results.get("forces", atoms.arrays.get("forces"))
         stress = results.get("stress", atoms.info.get("stress"))
         label = atoms.info.get("split")
-        entries.append(Entry(
-            id=_id(atoms.info.get(id_key) if id_key else None, path, index),
-            targets=targets,
-            parse=partial(clean_atoms, atoms),
-            split=normalise_split_name(label, f"{path} frame {index}") if label else None,
-            forces=None if forces is None else np.asarray(forces, dtype=float).copy(),
-            stress=None if stress is None else voigt_stress(stress),
-        ))
+        entries.append(
+            Entry(
+                id=_id(atoms.info.get(id_key) if id_key else None, path, index),
+                targets=targets,
+                parse=partial(clean_atoms, atoms),
+                split=normalise_split_name(label, f"{path} frame {index}") if label else None,
+                forces=None if forces is None else np.asarray(forces, dtype=float).copy(),
+                stress=None if stress is None else voigt_stress(stress),
+            )
+        )
     return _source(path, "extxyz", entries)
 
 
@@ -183,14 +222,16 @@ def load_ase_db(path: Path, *, id_column: str | None = None) -> Source:
         if row.get("energy") is not None:
             targets["energy"] = float(row.energy)
         forces, stress, label = row.get("forces"), row.get("stress"), pairs.get("split")
-        entries.append(Entry(
-            id=str(pairs[id_key]) if id_key and id_key in pairs else str(row.id),
-            targets=targets,
-            parse=row.toatoms,
-            split=normalise_split_name(label, f"{path} row {row.id}") if label else None,
-            forces=None if forces is None else np.asarray(forces, dtype=float),
-            stress=None if stress is None else voigt_stress(stress),
-        ))
+        entries.append(
+            Entry(
+                id=str(pairs[id_key]) if id_key and id_key in pairs else str(row.id),
+                targets=targets,
+                parse=row.toatoms,
+                split=normalise_split_name(label, f"{path} row {row.id}") if label else None,
+                forces=None if forces is None else np.asarray(forces, dtype=float),
+                stress=None if stress is None else voigt_stress(stress),
+            )
+        )
     return _source(path, "ase db", entries)
 
 
@@ -210,7 +251,7 @@ def load_pymatgen_json(
     ``Structure`` dicts carrying targets in ``properties``; a pandas "split" table is accepted.
     """
     if isinstance(data, dict) and {"columns", "data"} <= set(data):
-        data = [dict(zip(data["columns"], row)) for row in data["data"]]
+        data = [dict(zip(data["columns"], row, strict=True)) for row in data["data"]]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a JSON list of objects (structures with labels)")
     rows, structures = [], []
@@ -221,21 +262,27 @@ def load_pymatgen_json(
             continue
         column = structure_column or first_present(list(record), STRUCTURE_COLUMNS)
         if column is None:
-            raise DataError(f"{path}: an entry has no structure key {list(STRUCTURE_COLUMNS)}; "
-                            f"its keys are {sorted(record)}; pass structure_column=")
+            raise DataError(
+                f"{path}: an entry has no structure key {list(STRUCTURE_COLUMNS)}; "
+                f"its keys are {sorted(record)}; pass structure_column="
+            )
         rows.append({k: v for k, v in record.items() if k != column})
         structures.append(record.get(column))
     id_key = choose_id_key(rows, id_column, path)
     entries = []
-    for index, (row, structure) in enumerate(zip(rows, structures)):
+    for index, (row, structure) in enumerate(zip(rows, structures, strict=True)):
         targets = {k: float(v) for k, v in row.items() if k != id_key and _is_number(v)}
         label = row.get("split")
-        entries.append(Entry(
-            id=_id(row.get(id_key) if id_key else None, path, index),
-            targets=targets,
-            parse=partial(_parse_structure, structure),
-            split=normalise_split_name(label, f"{path} entry {index}") if isinstance(label, str) else None,
-        ))
+        entries.append(
+            Entry(
+                id=_id(row.get(id_key) if id_key else None, path, index),
+                targets=targets,
+                parse=partial(_parse_structure, structure),
+                split=normalise_split_name(label, f"{path} entry {index}")
+                if isinstance(label, str)
+                else None,
+            )
+        )
     return _source(path, "pymatgen json", entries)
 
 
@@ -248,16 +295,22 @@ def _id(value: Any, path: Path, index: int) -> str:
     return str(value)
 
 
-def _source(path: Path, fmt: str, entries: list[Entry], targets: Sequence[str] | None = None) -> Source:
+def _source(
+    path: Path, fmt: str, entries: list[Entry], targets: Sequence[str] | None = None
+) -> Source:
     """Wrap entries; targets default to the union of the entries' keys, in first-seen order."""
     if targets is None:
         targets = list(dict.fromkeys(k for e in entries for k in e.targets))
     ids = [e.id for e in entries]
     duplicates = len(ids) - len(set(ids))
     if duplicates:
-        logger.warning("%s: %d duplicate ids; a split file puts every copy in its split", path, duplicates)
+        logger.warning(
+            "%s: %d duplicate ids; a split file puts every copy in its split", path, duplicates
+        )
     labelled = any(e.split is not None for e in entries)
-    units = {t: unit_of(t) for t in targets}
+    # A user's column name says nothing reliable about its unit (e_form per atom or per
+    # cell?), so only ASE's own quantities get one.
+    units = {t: ASE_UNITS.get(t, "") for t in targets}
     return Source(
         name=path.name,
         entries=entries,

@@ -48,8 +48,12 @@ UNITS = {
 #: File names jarvis-tools downloads, looked up in the data directory for built-in names.
 FILE_NAMES = {
     "megnet": ("megnet.json", "megnet.json.zip"),
-    "dft_3d_2021": ("jdft_3d-4-26-2021.json", "jdft_3d-4-26-2021.json.zip",
-                    "dft_3d_2021.json", "dft_3d_2021.json.zip"),
+    "dft_3d_2021": (
+        "jdft_3d-4-26-2021.json",
+        "jdft_3d-4-26-2021.json.zip",
+        "dft_3d_2021.json",
+        "dft_3d_2021.json.zip",
+    ),
 }
 
 _ID_KEYS = ("jid", "id")
@@ -97,14 +101,19 @@ def megnet_counts(total: int) -> tuple[int, int, int]:
         return MEGNET_COUNTS
     logger.warning(
         "megnet file has %d usable entries, not %d: using the paper's fractions instead of "
-        "its fixed counts (the split is not the paper's)", total, MEGNET_TOTAL,
+        "its fixed counts (the split is not the paper's)",
+        total,
+        MEGNET_TOTAL,
     )
     n_train, n_val, n_test = (int(c / MEGNET_TOTAL * total) for c in MEGNET_COUNTS)
     return n_train, n_val, n_test
 
 
 def load_jarvis(
-    path: Path, data: list[dict[str, Any]] | None = None, *, kind: str | None = None,
+    path: Path,
+    data: list[dict[str, Any]] | None = None,
+    *,
+    kind: str | None = None,
     id_column: str | None = None,
 ) -> Source:
     """A jarvis-tools JSON list as a ``Source`` whose own split is the paper's shuffle."""
@@ -118,12 +127,18 @@ def load_jarvis(
     if id_column is not None and id_column not in data[0]:
         raise DataError(f"{path}: no id key {id_column!r}; keys are {sorted(data[0])}")
 
-    target_keys: list[str] = []
-    for row in data:  # a key is a target if some row holds a number there
-        for key, value in row.items():
-            if key not in _NOT_TARGETS and key != id_key and key not in target_keys:
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    target_keys.append(key)
+    # A key is a target if some row holds a number there ('na' marks the missing ones).
+    target_keys = list(
+        dict.fromkeys(
+            key
+            for row in data
+            for key, value in row.items()
+            if isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and key not in _NOT_TARGETS
+            and key != id_key
+        )
+    )
     entries = []
     for index, row in enumerate(data):
         rid = str(row[id_key]) if id_key and row.get(id_key) is not None else f"{path.stem}:{index}"
@@ -136,6 +151,10 @@ def load_jarvis(
         units={n: UNITS.get(n, "") for n in names},
         native_split="paper",
         fixed_counts=megnet_counts if kind == "megnet" else None,
-        provenance={"files": [str(path)], "format": "jarvis-tools json", "kind": kind,
-                    "renamed": {k: v for k, v in rename.items() if k in target_keys}},
+        provenance={
+            "files": [str(path)],
+            "format": "jarvis-tools json",
+            "kind": kind,
+            "renamed": {k: v for k, v in rename.items() if k in target_keys},
+        },
     )

@@ -19,6 +19,7 @@ from ase import Atoms
 from ase.data import atomic_numbers as SYMBOL_TO_Z
 
 from ..errors import DataError, StructureError
+from .cif import read_p1_cif
 
 
 def read_json(path: Path) -> Any:
@@ -65,7 +66,7 @@ def atoms_from_arrays(
 
 
 def atoms_from_jarvis(atoms: dict[str, Any]) -> Atoms:
-    """A jarvis-tools ``Atoms.to_dict()``: ``lattice_mat``, ``coords``, ``elements``, ``cartesian``."""
+    """A jarvis-tools ``Atoms.to_dict()``: lattice_mat, coords, elements, cartesian."""
     if not isinstance(atoms, dict):
         raise StructureError("no jarvis 'atoms' dict")
     try:
@@ -87,7 +88,9 @@ def atoms_from_structure(structure: Any, pbc: Any = True) -> Atoms:
         numbers = [site.specie.Z for site in structure]
     except AttributeError as exc:  # DummySpecies and the like have no element
         raise StructureError(f"site without a real element ({exc})") from None
-    return atoms_from_arrays(numbers, structure.lattice.matrix, cartesian=structure.cart_coords, pbc=pbc)
+    return atoms_from_arrays(
+        numbers, structure.lattice.matrix, cartesian=structure.cart_coords, pbc=pbc
+    )
 
 
 def atoms_from_pmg_dict(data: dict[str, Any]) -> Atoms:
@@ -126,12 +129,18 @@ def atoms_from_text(text: Any) -> Atoms:
     from pymatgen.core import Structure
 
     fmt = "cif" if looks_like_cif(stripped) else "poscar"
+    if fmt == "cif":
+        atoms = read_p1_cif(text)
+        if atoms is not None:
+            return atoms
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen warns about rounding on most MP CIFs
         try:
             structure = Structure.from_str(text, fmt=fmt)
         except Exception as exc:  # pymatgen raises bare ValueError/IndexError on bad text
-            raise StructureError(f"cannot parse {fmt.upper()} text ({type(exc).__name__}: {exc})") from None
+            raise StructureError(
+                f"cannot parse {fmt.upper()} text ({type(exc).__name__}: {exc})"
+            ) from None
     return atoms_from_structure(structure)
 
 
@@ -151,7 +160,10 @@ def primitive_standard(atoms: Atoms) -> Atoms:
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     structure = AseAtomsAdaptor.get_structure(clean_atoms(atoms))
-    return atoms_from_structure(SpacegroupAnalyzer(structure).get_primitive_standard_structure())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # spglib's error-handling notice
+        primitive = SpacegroupAnalyzer(structure).get_primitive_standard_structure()
+    return atoms_from_structure(primitive)
 
 
 def voigt_stress(stress: Any) -> np.ndarray:

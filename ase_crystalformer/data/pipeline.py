@@ -12,7 +12,6 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
@@ -76,7 +75,7 @@ def assemble(source: Source, options: Options) -> Dataset:
     skipped: list[tuple[str, str]] = []
     new_index: dict[int, int] = {}
     prim_failed, prim_kept_forces = 0, 0
-    for index, (entry, targets) in enumerate(zip(entries, values)):
+    for index, (entry, targets) in enumerate(zip(entries, values, strict=True)):
         try:
             atoms = clean_atoms(entry.parse())
             build_window(atoms, OVERLAP_SEARCH_CUTOFF, label=entry.id)  # check_atoms + overlaps
@@ -93,14 +92,26 @@ def assemble(source: Source, options: Options) -> Dataset:
                     atoms = primitive_standard(atoms)
                 except Exception as exc:
                     prim_failed += 1
-                    logger.info("%s: primitive cell failed (%s); keeping the given cell", entry.id, exc)
+                    logger.info(
+                        "%s: primitive cell failed (%s); keeping the given cell", entry.id, exc
+                    )
         new_index[index] = len(records)
         records.append(Record(entry.id, atoms, targets, entry.forces, entry.stress))
 
     if skipped:
         logger.warning(
             "%s: skipped %d of %d structures (first: %s: %s)",
-            source.name, len(skipped), len(entries), skipped[0][0], skipped[0][1],
+            source.name,
+            len(skipped),
+            len(entries),
+            skipped[0][0],
+            skipped[0][1],
+        )
+    if prim_failed:
+        logger.warning(
+            "%s: primitive cell failed for %d structures; kept their given cells",
+            source.name,
+            prim_failed,
         )
     if options.primitive:
         provenance["primitive_failed"] = prim_failed
@@ -156,11 +167,17 @@ def _make_splits(
         n_missing = {k: len(v) for k, v in missing.items()}
         if any(n_missing.values()):
             logger.warning(
-                "%s: split file %s lists ids without an entry: %s", source.name,
-                options.split_file, {k: v[:5] for k, v in missing.items() if v},
+                "%s: split file %s lists ids without an entry: %s",
+                source.name,
+                options.split_file,
+                {k: v[:5] for k, v in missing.items() if v},
             )
-        info = {"method": "file", "file": str(options.split_file), "missing_ids": n_missing,
-                "missing_examples": {k: v[:10] for k, v in missing.items() if v}}
+        info = {
+            "method": "file",
+            "file": str(options.split_file),
+            "missing_ids": n_missing,
+            "missing_examples": {k: v[:10] for k, v in missing.items() if v},
+        }
         return splits, info
     method = options.split or ("source" if source.native_split else "ratio")
     if method == "source":
@@ -177,17 +194,19 @@ def _make_splits(
             return {}, {"method": "none"}
     if method == "ratio":
         return ratio_split(total, options.split_ratios, options.seed), {
-            "method": "ratio", "ratios": list(options.split_ratios), "seed": options.seed}
+            "method": "ratio",
+            "ratios": list(options.split_ratios),
+            "seed": options.seed,
+        }
     if method == "paper":
         if source.fixed_counts is not None:
             counts = source.fixed_counts(total)
         else:
             counts = paper_counts(total, options.split_ratios)
         return paper_split(total, *counts, seed=options.seed), {
-            "method": "paper", "counts": list(counts), "seed": options.seed, "total": total}
+            "method": "paper",
+            "counts": list(counts),
+            "seed": options.seed,
+            "total": total,
+        }
     raise DataError(f"unknown split {method!r}; use 'source', 'ratio' or 'paper'")
-
-
-def source_files(paths: Sequence[Path]) -> list[str]:
-    """Paths as strings for provenance."""
-    return [str(p) for p in paths]

@@ -1,7 +1,7 @@
 """The containers every loader produces: ``Record`` (one crystal) and ``Dataset``.
 
 ``Entry`` is the loaders' intermediate form: an id, its labels and a deferred structure
-parser, so that entries dropped by target filtering or absent from a split are never parsed.
+parser, so that entries dropped by target filtering are never parsed.
 """
 
 from __future__ import annotations
@@ -13,23 +13,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-#: Units of target names that appear in more than one source (anything else gets "").
-KNOWN_UNITS: dict[str, str] = {
-    "e_form": "eV/atom",
-    "band_gap": "eV",
-    "formation_energy_per_atom": "eV/atom",
-    "energy_per_atom": "eV/atom",
-    "energy_above_hull": "eV/atom",
-    "e_above_hull": "eV/atom",
-    "energy": "eV",
-    "free_energy": "eV",
-    "k_vrh": "GPa",
-    "g_vrh": "GPa",
-    "heat_all": "eV",
-    "heat_ref": "eV",
-    "dir_gap": "eV",
-    "ind_gap": "eV",
-}
+from ..errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -95,11 +79,8 @@ class Dataset:
     def subset(self, split: str) -> list[Record]:
         """The records of one split ('train', 'val' or 'test')."""
         if split not in self.splits:
-            from ..errors import DataError
-
-            raise DataError(
-                f"dataset {self.name!r} has no split {split!r}; it has {sorted(self.splits) or 'none'}"
-            )
+            have = sorted(self.splits) or "none"
+            raise DataError(f"dataset {self.name!r} has no split {split!r}; it has {have}")
         return [self.records[i] for i in self.splits[split]]
 
     def values(self, target: str, split: str | None = None) -> np.ndarray:
@@ -123,11 +104,6 @@ class Entry:
     split: str | None = None
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
-
-
-def unit_of(name: str) -> str:
-    """The unit of a target name if we know it, else ''."""
-    return KNOWN_UNITS.get(name, "")
 
 
 def as_float(value: Any) -> float:

@@ -19,11 +19,21 @@ from .records import SPLIT_NAMES
 
 logger = logging.getLogger(__name__)
 
-_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-            "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
-def paper_split(total: int, n_train: int, n_val: int, n_test: int, seed: int = 123) -> dict[str, list[int]]:
+def paper_split(
+    total: int, n_train: int, n_val: int, n_test: int, seed: int = 123
+) -> dict[str, list[int]]:
     """ALIGNN/Matformer ``get_id_train_val_test``, used by Crystalformer (spec §1.3).
 
     Shuffle ``list(range(total))`` with the Python stdlib RNG seeded with ``seed`` (same
@@ -59,12 +69,12 @@ def ratio_split(
     remaining index, so nothing is left unused.
     """
     _check_ratios(ratios)
-    n_train = int(round(ratios[0] * total))
-    n_val = min(int(round(ratios[1] * total)), total - n_train)
+    n_train = round(ratios[0] * total)
+    n_val = min(round(ratios[1] * total), total - n_train)
     if abs(sum(ratios) - 1.0) < 1e-9:
         n_test = total - n_train - n_val
     else:
-        n_test = min(int(round(ratios[2] * total)), total - n_train - n_val)
+        n_test = min(round(ratios[2] * total), total - n_train - n_val)
     order = np.random.default_rng(seed).permutation(total).tolist()
     return {
         "train": order[:n_train],

@@ -1,0 +1,5 @@
+"""``python -m ase_crystalformer`` runs the ``crystalformer`` command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,273 @@
+"""matminer featurizer: Crystalformer embeddings and predictions as DataFrame columns.
+
+matminer's ``featurize_many`` forks a process pool and featurizes one entry at a time, which
+is the wrong shape for a torch model (every worker would load the model and run batch size
+1). This featurizer pins ``n_jobs`` to 1 and batches on the model's device instead, while
+keeping matminer's ``ignore_errors``/``return_errors`` behaviour entry by entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import inference
+from .errors import missing_extra
+from .geometry import build_window, collate
+from .inference import (
+    CRYSTALFORMER_BIBTEX,
+    ModelSpec,
+    eval_mode,
+    load_models,
+    resolve_device,
+    target_properties,
+)
+from .model import Crystalformer
+from .structures import check_atoms, describe, to_atoms
+
+try:
+    from matminer.featurizers.base import BaseFeaturizer
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise missing_extra("matminer", "matminer") from err
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["embedding", "predictions", "both"]
+_SKIP_HINT = (
+    "\nTO SKIP THESE ERRORS when featurizing specific compounds, set 'ignore_errors=True' "
+    "when running the batch featurize() operation (e.g., featurize_many(), "
+    "featurize_dataframe(), etc.)."
+)
+
+
+class CrystalformerFeaturizer(BaseFeaturizer):
+    """Learned Crystalformer representation of a crystal structure.
+
+    Input: a pymatgen ``Structure`` or an ``ase.Atoms`` (ordered, at least one periodic
+    axis). ``model`` is a shipped model name, a checkpoint path or a ``Crystalformer``
+    (``None``: the first shipped model); it is loaded on first use.
+
+    Features:
+        crystalformer emb <k>: component k of the mean-pooled atom features after the last
+            attention block (the vector the prediction head reads), for mode "embedding" or
+            "both". Unitless; d = ``model.config.d_model`` columns.
+        crystalformer <property>: the model's prediction of each of its targets, named as
+            by the ASE calculator (e.g. ``formation_energy_per_atom`` in eV/atom,
+            ``band_gap`` in eV, ``bulk_modulus_vrh`` in GPa; see
+            ``inference.TARGET_ALIASES``), for mode "predictions" or "both".
+
+    The embedding is a fixed transfer-learning feature: its quality for a property the
+    model was not trained on is an empirical question (``examples/featurize_and_fit.py``).
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec | None = None,
+        mode: Mode = "embedding",
+        device: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        if mode not in ("embedding", "predictions", "both"):
+            raise ValueError(f"mode={mode!r}; use 'embedding', 'predictions' or 'both'")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.mode = mode
+        self.device = device
+        self.batch_size = batch_size
+        self._loaded: tuple[Any, Any, Crystalformer] | None = None
+
+    # -------------------------------------------------------------------- model handling
+    def _get_model(self) -> Crystalformer:
+        """The model for the current ``model``/``device`` settings (reloaded if they change)."""
+        if self._loaded is None or self._loaded[0] is not self.model or self._loaded[1] != self.device:
+            device = resolve_device(self.device)
+            dtype = self.model.dtype if isinstance(self.model, Crystalformer) else torch.float32
+            # None: the first shipped model only (load_models(None) would load them all).
+            spec = self.model if self.model is not None else (inference.list_models()[:1] or None)
+            label, model = load_models(spec, device, dtype)[0]
+            logger.info("CrystalformerFeaturizer: model %s on %s", label, device)
+            self._loaded = (self.model, self.device, model)
+        return self._loaded[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # keeps sklearn's version stamp
+        state["_loaded"] = None  # reload in the receiving process instead of pickling weights
+        return state
+
+    # ------------------------------------------------------------------ matminer contract
+    def set_n_jobs(self, n_jobs: int) -> None:
+        """Ignored: the model batches on its device; a process pool would copy it per job."""
+        if n_jobs != 1:
+            logger.info("CrystalformerFeaturizer runs in one process (n_jobs=%s ignored)", n_jobs)
+        self._n_jobs = 1
+
+    @property
+    def n_jobs(self) -> int:
+        return 1
+
+    def precheck(self, x: Any) -> bool:
+        """True if ``x`` converts to atoms and passes ``structures.check_atoms`` (cheap)."""
+        try:
+            atoms = to_atoms(x)
+            check_atoms(atoms, describe(atoms))
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    def featurize(self, x: Any) -> list[float]:
+        """Features of one structure; raises the structure's own error if it cannot be taken."""
+        return self._featurize_rows([(x,)], ignore_errors=False, return_errors=False, hint=False)[0]
+
+    def feature_labels(self) -> list[str]:
+        model = self._get_model()
+        labels: list[str] = []
+        if self.mode in ("embedding", "both"):
+            labels += [f"crystalformer emb {k}" for k in range(model.config.d_model)]
+        if self.mode in ("predictions", "both"):
+            labels += [f"crystalformer {t.name}" for t in target_properties([("model", model)])]
+        return labels
+
+    def citations(self) -> list[str]:
+        return [CRYSTALFORMER_BIBTEX]
+
+    def implementors(self) -> list[str]:
+        return ["ase-crystalformer contributors"]
+
+    def featurize_many(
+        self,
+        entries: Any,
+        ignore_errors: bool = False,
+        return_errors: bool = False,
+        pbar: bool | dict[str, Any] = True,
+    ) -> list[list[Any]]:
+        """matminer's ``featurize_many``, batched: same inputs, outputs and error handling.
+
+        Each entry that fails (conversion, checks, neighbour search) gives NaN features
+        with ``ignore_errors``, plus its traceback text with ``return_errors``; without
+        ``ignore_errors`` the first failing entry raises, its message extended with
+        matminer's hint.
+        """
+        if return_errors and not ignore_errors:
+            raise ValueError("Please set ignore_errors to True to use return_errors.")
+        if not isinstance(entries, (tuple, list, np.ndarray, pd.Series, pd.DataFrame)):
+            raise TypeError("'entries' must be a list-like object")
+        if len(entries) == 0:
+            return []
+        if isinstance(entries, pd.DataFrame):
+            rows = [tuple(r) for r in entries.values]
+        elif isinstance(entries, pd.Series) or not isinstance(entries[0], (tuple, list, np.ndarray)):
+            rows = [(e,) for e in entries]
+        else:
+            rows = [tuple(e) for e in entries]
+        return self._featurize_rows(rows, ignore_errors, return_errors, pbar)
+
+    # ------------------------------------------------------------------------- internals
+    def _featurize_rows(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        ignore_errors: bool,
+        return_errors: bool,
+        pbar: bool | dict[str, Any] = False,
+        hint: bool = True,
+    ) -> list[list[Any]]:
+        """Features of each row, in order; failures handled as in matminer's wrapper.
+
+        Unlike matminer (which catches ``BaseException``), only ``Exception`` is treated as
+        a failed entry, so Ctrl-C still stops a long run.
+        """
+        model = self._get_model()
+        n_labels = len(self.feature_labels())
+        out: list[list[Any]] = [[] for _ in rows]
+
+        def fail(index: int, err: Exception) -> None:
+            if not ignore_errors:
+                if hint:
+                    _reraise(err)
+                raise err
+            features: list[Any] = [float("nan")] * n_labels
+            if return_errors:
+                features.append("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+            out[index] = features
+
+        def run(indices: list[int], windows: list[Any]) -> None:
+            try:
+                values = self._run(model, windows)
+            except Exception as err:  # noqa: BLE001 - blame the entry, not the whole batch
+                if len(windows) == 1:
+                    fail(indices[0], err)
+                    return
+                for index, window in zip(indices, windows):
+                    run([index], [window])
+                return
+            for index, row in zip(indices, values):
+                out[index] = row + [float("nan")] if return_errors else row
+
+        progress = _progress(pbar, len(rows), type(self).__name__)
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                chunk = range(start, min(start + self.batch_size, len(rows)))
+                indices, windows = [], []
+                for index in chunk:
+                    try:
+                        windows.append(self._window(rows[index], model, index))
+                    except Exception as err:  # noqa: BLE001 - recorded per entry, as matminer
+                        fail(index, err)
+                    else:
+                        indices.append(index)
+                if windows:
+                    run(indices, windows)
+                if progress is not None:
+                    progress.update(len(chunk))
+        finally:
+            if progress is not None:
+                progress.close()
+        return out
+
+    def _window(self, row: tuple[Any, ...], model: Crystalformer, index: int) -> Any:
+        if len(row) != 1:
+            raise TypeError(f"featurize takes one structure per entry, got {len(row)} values")
+        atoms = to_atoms(row[0])
+        return build_window(atoms, model.config.cutoff, describe(atoms, index))
+
+    def _run(self, model: Crystalformer, windows: list[Any]) -> list[list[float]]:
+        batch = collate(windows, model.dtype).to(model.device)
+        with eval_mode([model]), torch.no_grad():
+            emb = model.embed(batch)  # (B, d)
+            parts = []
+            if self.mode in ("embedding", "both"):
+                parts.append(emb)
+            if self.mode in ("predictions", "both"):
+                parts.append(model.targets(model.head(emb)))  # (B, T)
+            values = torch.cat(parts, dim=1).to("cpu", torch.float64).numpy()
+        return [row.tolist() for row in values]
+
+
+def _reraise(err: BaseException) -> None:
+    """Raise ``err`` with matminer's hint, keeping its type as ``featurize_wrapper`` does.
+
+    matminer rebuilds ``type(err)(message)``, which fails for exception types whose
+    constructor takes other arguments; those are re-raised as they are, with the hint as a
+    note.
+    """
+    message = str(err) + _SKIP_HINT
+    try:
+        new = type(err)(message)
+    except Exception:  # noqa: BLE001 - a constructor with another signature
+        err.add_note(_SKIP_HINT.strip())
+        raise err from None
+    raise new.with_traceback(err.__traceback__) from err
+
+
+def _progress(pbar: bool | dict[str, Any], total: int, desc: str) -> Any:
+    if not pbar:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, **(pbar if isinstance(pbar, dict) else {}))

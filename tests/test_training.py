@@ -1,0 +1,182 @@
+"""Training recipe, resume, SWA, evaluation and the CLI on a tiny real fixture.
+
+``fixtures/mp_megnet_40.extxyz``: 40 small MP structures (24/8/8 in the MEGNet split)
+with their MEGNet labels, copied from the shared data.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from click.testing import CliRunner
+
+from ase_crystalformer import ModelConfig, TargetSpec
+from ase_crystalformer.checkpoint import load_model
+from ase_crystalformer.cli import main
+from ase_crystalformer.config import TrainConfig
+from ase_crystalformer.data import Record, load_dataset
+from ase_crystalformer.evaluation import evaluate
+from ase_crystalformer.training import train
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mp_megnet_40.extxyz"
+TINY = ModelConfig(n_blocks=1, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32, n_rbf=16, cutoff=7.0)
+E_FORM = [TargetSpec("e_form", "eV/atom")]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset(str(FIXTURE), ["e_form", "band_gap"])
+
+
+def _train(dataset, out, epochs=3, swa=1, resume=False, **kwargs):
+    config = TrainConfig(epochs=epochs, batch_size=8, swa_epochs=swa, lr=2e-3)
+    return train(dataset, E_FORM, out, config=config, model_config=TINY, resume=resume, progress=False, **kwargs)
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_schedule_numbers_from_the_spec():
+    config = TrainConfig()
+    assert config.lr_at(0) == 5e-4
+    assert config.lr_at(4000) == pytest.approx(3.54e-4, abs=5e-7)
+    assert config.lr_at(16200) == pytest.approx(2.22e-4, abs=5e-7)
+
+
+def test_loss_falls_and_files_are_written(dataset, tmp_path):
+    _train(dataset, tmp_path, epochs=10, swa=2)
+    log = _log(tmp_path)
+    assert len(log) == 10
+    assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    for name in ("best.safetensors", "latest.safetensors", "swa.safetensors", "state.pt", "report.json"):
+        assert (tmp_path / name).is_file(), name
+    best = load_model(tmp_path / "best.safetensors")
+    assert best.metadata["n_train"] == 24
+    assert best.metadata["train_config"]["epochs"] == 10
+    assert len(best.metadata["train_ids_sha256"]) == 64
+    # The target normalisation is the training split's mean and population std.
+    y = np.array([r.targets["e_form"] for r in (dataset.records[i] for i in dataset.splits["train"])])
+    assert best.target_mean.item() == pytest.approx(y.mean(), rel=1e-6)
+    assert best.target_std.item() == pytest.approx(y.std(), rel=1e-6)
+
+
+def test_lr_is_frozen_during_swa_and_swa_averages_steps(dataset, tmp_path):
+    _train(dataset, tmp_path, epochs=4, swa=2)
+    log = _log(tmp_path)
+    steps_per_epoch = 3  # 24 structures, batches of 8, drop_last
+    config = TrainConfig(lr=2e-3)
+    assert log[1]["lr"] == pytest.approx(config.lr_at(2 * steps_per_epoch))
+    assert log[2]["lr"] == log[3]["lr"] == log[1]["lr"]  # no scheduler step during SWA
+    swa = load_model(tmp_path / "swa.safetensors")
+    latest = load_model(tmp_path / "latest.safetensors")
+    assert not torch.equal(swa.head[0].weight, latest.head[0].weight)
+    # σ statistics and normalisation are copied, not averaged to something else.
+    assert torch.equal(swa.blocks[0].attention.sigma_scale, latest.blocks[0].attention.sigma_scale)
+    assert torch.equal(swa.target_std, latest.target_std)
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(dataset, tmp_path):
+    _train(dataset, tmp_path / "straight", epochs=4, swa=2)
+    _train(dataset, tmp_path / "split", epochs=2, swa=0)  # "killed" after epoch 2, before SWA
+    _train(dataset, tmp_path / "split", epochs=4, swa=2, resume=True)
+    for name in ("latest.safetensors", "swa.safetensors"):
+        a = load_model(tmp_path / "straight" / name).state_dict()
+        b = load_model(tmp_path / "split" / name).state_dict()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    assert [r["train_loss"] for r in _log(tmp_path / "straight")] == [r["train_loss"] for r in _log(tmp_path / "split")]
+
+
+def test_resume_refuses_a_changed_recipe(dataset, tmp_path):
+    _train(dataset, tmp_path, epochs=2, swa=0)
+    with pytest.raises(ValueError, match="different training config"):
+        train(dataset, E_FORM, tmp_path, config=TrainConfig(epochs=3, batch_size=4, swa_epochs=0),
+              model_config=TINY, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        _train(dataset, tmp_path / "empty", resume=True)
+
+
+def test_evaluate_matches_an_independent_mae(dataset, tmp_path):
+    _train(dataset, tmp_path, epochs=2, swa=0)
+    model = load_model(tmp_path / "best.safetensors")
+    metrics, table, skipped = evaluate(model, dataset, "test")
+    test = [dataset.records[i] for i in dataset.splits["test"]]
+    pred = model.predict([r.atoms for r in test])
+    true = np.array([r.targets["e_form"] for r in test])
+    assert metrics["e_form"]["mae"] == pytest.approx(np.abs(pred - true).mean(), rel=1e-5)
+    assert metrics["e_form"]["n"] == 8 and not skipped
+    assert list(table["id"]) == [r.id for r in test]
+
+
+def test_broken_structure_is_skipped_and_reported(dataset, tmp_path):
+    broken = Atoms("Cu2", positions=[[0, 0, 0], [0.01, 0, 0]], cell=np.eye(3) * 3, pbc=True)
+    records = list(dataset.records) + [Record("mp-broken", broken, {"e_form": 0.1})]
+    splits = {**dataset.splits, "train": list(dataset.splits["train"]) + [len(records) - 1]}
+    report = _train(replace(dataset, records=records, splits=splits), tmp_path, epochs=1, swa=0)
+    assert [i for i, _ in report["skipped"]] == ["mp-broken"]
+    assert "overlapping" in report["skipped"][0][1]
+    assert load_model(tmp_path / "best.safetensors").metadata["n_skipped"] == 1
+
+
+def test_finetune_new_head_keeps_the_encoder(dataset, tmp_path):
+    _train(dataset, tmp_path / "base", epochs=1, swa=0)
+    base = load_model(tmp_path / "base" / "best.safetensors")
+    train(dataset, [TargetSpec("band_gap", "eV")], tmp_path / "ft", init_from=tmp_path / "base" / "best.safetensors",
+          freeze_encoder=True, config=TrainConfig(epochs=1, batch_size=8, swa_epochs=0), progress=False)
+    tuned = load_model(tmp_path / "ft" / "best.safetensors")
+    assert tuned.config.target_names == ["band_gap"]
+    assert torch.equal(tuned.blocks[0].attention.q_proj.weight, base.blocks[0].attention.q_proj.weight)
+    assert not torch.equal(tuned.head[2].weight[:1], base.head[2].weight[:1])
+
+
+def test_energy_and_force_training_runs_through_the_autograd_path(tmp_path):
+    forces = Path(__file__).parent / "fixtures" / "data" / "forces"
+    data = load_dataset(str(next(forces.glob("*.xyz"))), ["energy"], split="ratio", split_ratios=(0.34, 0.33, 0.33))
+    data.splits["train"] = list(range(len(data.records)))
+    config = TrainConfig(epochs=2, batch_size=2, swa_epochs=0, force_weight=1.0, stress_weight=1.0)
+    train(data, [TargetSpec("energy", "eV/atom", kind="energy")], tmp_path, config=config,
+          model_config=replace(TINY, activation="silu"), progress=False)
+    log = _log(tmp_path)
+    assert np.isfinite(log[-1]["train_loss"])
+
+
+def test_cli_train_and_evaluate(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(main, ["train", "--data", str(FIXTURE), "--target", "e_form", "--epochs", "2",
+                                  "--swa-epochs", "1", "--batch-size", "8", "--blocks", "1", "--cutoff", "7",
+                                  "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "epoch    2" in result.output and "swa_test: e_form MAE" in result.output
+    result = runner.invoke(main, ["evaluate", "--model", str(out / "swa.safetensors"), "--data", str(FIXTURE),
+                                  "--out-dir", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "e_form [test, n=8]: MAE" in result.output
+    assert (tmp_path / "eval" / "parity.png").stat().st_size > 1000
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert metrics["metrics"]["e_form"]["mae"] == pytest.approx(report["metrics"]["swa_test"]["e_form"]["mae"])
+    bad = runner.invoke(main, ["train", "--data", str(FIXTURE), "--target", "nope", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "nope" in bad.output
+
+
+def test_torchrun_two_process_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "ase_crystalformer", "train", "--data", str(FIXTURE), "--target", "e_form", "--epochs", "2",
+           "--swa-epochs", "0", "--batch-size", "8", "--blocks", "1", "--cutoff", "7", "--out", str(tmp_path),
+           "--device", "cpu", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = _log(tmp_path)
+    assert len(log) == 2  # only rank 0 writes
+    assert load_model(tmp_path / "best.safetensors").metadata["n_train"] == 24
