@@ -1,15 +1,41 @@
 """Crystalformer (Taniai et al., ICLR 2024) for ASE, pymatgen and matminer workflows."""
 
-from .config import ModelConfig, TargetSpec
+from typing import Any
+
+from .checkpoint import list_models, load_model
+from .config import ModelConfig, TargetSpec, TrainConfig
 from .errors import CheckpointError, CrystalformerError, DataError, StructureError
 from .model import Crystalformer
+
+#: Optional integrations, imported on first use so that `import ase_crystalformer` does not
+#: need matminer or phonopy.
+_LAZY = {
+    "CrystalformerCalculator": "calculator",
+    "CrystalformerFeaturizer": "featurizer",
+    "run_phonons": "phonons",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",
     "Crystalformer",
+    "CrystalformerCalculator",
     "CrystalformerError",
+    "CrystalformerFeaturizer",
     "DataError",
     "ModelConfig",
     "StructureError",
     "TargetSpec",
+    "TrainConfig",
+    "list_models",
+    "load_model",
+    "run_phonons",
 ]

@@ -218,9 +218,13 @@ def _fused_backward(
             BLOCK_E=block, BLOCK_D=_pow2(d),
         )
 
+    # The slot gradients cost (N, M) and (N, M, K): only when d2 / basis need them (forces).
+    need = ctx.needs_input_grad
     dq = dqs * ctx.scale
-    dd2 = (dlogit * gamma[:, :, None]).sum(1)  # (N, M) Σ_h γ ds
-    dbasis = torch.bmm(weight.transpose(1, 2), gmixed) if has_basis else None  # (N, M, K)
+    dd2 = (dlogit * gamma[:, :, None]).sum(1) if need[4] else None  # (N, M) Σ_h γ ds
+    dbasis = None
+    if has_basis and need[5]:
+        dbasis = torch.bmm(weight.transpose(1, 2), gmixed)  # (N, M, H)@(N, H, K)
     return dq, dk, dv, dgamma, dd2, dbasis
 
 
@@ -251,12 +255,16 @@ def _differentiable_backward(
     ctx: Any, gvalues: torch.Tensor | None, gmixed: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients that autograd can differentiate again (backward with create_graph=True)."""
-    q, k, v, gamma, d2, basis, mask_u8, neighbor, _, _, _ = ctx.saved_tensors
-    inputs = (q, k, v, gamma, d2, basis)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
-    if not wanted:
-        return (None,) * len(inputs)
+    saved = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:6]):
+        return (None,) * 6
     with torch.enable_grad():
+        # Fresh view nodes: the gradient w.r.t. d2 must not also run through basis = b(d2)
+        # (and so on), which autograd.grad would do for the saved, related tensors.
+        inputs = tuple(t.view_as(t) if t is not None else None for t in saved[:6])
+        q, k, v, gamma, d2, basis = inputs
+        mask_u8, neighbor = saved[6], saved[7]
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
         values, mixed = _slot_attention(q, k, v, gamma, d2, basis, mask_u8.bool(), neighbor)
         outputs, grads_out = [values], [gvalues if gvalues is not None else torch.zeros_like(values)]
         if mixed is not None and gmixed is not None:
