@@ -1,0 +1,88 @@
+"""Write checkpoints/<name>/README.md from the checkpoint's metadata and `crystalformer evaluate`.
+
+Also stores the evaluated test MAE in the checkpoint header (``test_mae``), which
+``crystalformer models`` prints; the weights are not touched.
+
+    python scripts/model_card.py NAME --eval-val DIR --eval-test DIR --card-notes notes.json
+    (DIR = an `crystalformer evaluate ... --out-dir DIR` folder holding metrics.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ase_crystalformer.checkpoint import read_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--eval-val", required=True, type=Path)
+    parser.add_argument("--eval-test", required=True, type=Path)
+    parser.add_argument("--notes", required=True, type=Path, help="JSON with the card's prose fields")
+    args = parser.parse_args()
+
+    path = ROOT / "checkpoints" / args.name / "model.safetensors"
+    model, meta = read_checkpoint(path)
+    val = json.loads((args.eval_val / "metrics.json").read_text())["metrics"]
+    test = json.loads((args.eval_test / "metrics.json").read_text())["metrics"]
+    notes = json.loads(args.notes.read_text())[args.name]
+    meta["test_mae"] = {k: round(v["mae"], 5) for k, v in test.items()}
+    meta["val_mae"] = {k: round(v["mae"], 5) for k, v in val.items()}
+    save_checkpoint(model, path, meta)
+
+    spec = model.config.targets[0]
+    unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
+    rows = "\n".join(
+        f"| {split} | {m[spec.name]['n']} | {m[spec.name]['mae']:.4g} {unit} | {m[spec.name]['rmse']:.4g} | {m[spec.name]['r2']:.4f} |"
+        for split, m in (("val", val), ("test", test))
+    )
+    tc = meta["train_config"]
+    card = f"""# {args.name}
+
+{notes['summary']}
+
+| | |
+|---|---|
+| target | `{spec.name}` ({spec.unit}{', learnt as log10; `predict` returns ' + spec.unit if spec.transform == 'log10' else ''}) |
+| architecture | Crystalformer, paper default: {model.config.n_blocks} blocks, d={model.config.d_model}, {model.config.n_heads} heads, K={model.config.n_rbf}, window {model.config.cutoff} Å, 853,505 parameters |
+| data | {notes['data']} |
+| split | {notes['split']}; sizes {meta['split_sizes']} |
+| training ids | sha256 of the sorted ids: `{meta['train_ids_sha256']}` (validation: `{meta['val_ids_sha256']}`) |
+| recipe | AdamW (0.9, 0.98), lr {tc['lr']} · sqrt({tc['lr_decay_steps']}/({tc['lr_decay_steps']}+t)), weight decay {tc['weight_decay']}, clip {tc['clip_norm']}, batch {tc['batch_size']}, L1 on normalised targets, seed {tc['seed']} |
+| epochs | {notes['epochs']} |
+| wall time, hardware | {meta['wall_time_s']:.0f} s of training to the selected epoch; {notes['hardware']} |
+| checkpoint | {notes['checkpoint']} |
+
+## Command
+
+```bash
+{notes['command']}
+```
+
+## Metrics (`crystalformer evaluate`)
+
+| split | n | MAE | RMSE | R² |
+|---|---|---|---|---|
+{rows}
+
+```bash
+{notes['evaluate']}
+```
+
+{notes['compare']}
+
+## What this model is not for
+
+{notes['not_for']}
+"""
+    (path.parent / "README.md").write_text(card)
+    print(f"wrote {path.parent / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
