@@ -26,7 +26,9 @@ def _read_structures(files: tuple[str, ...]) -> tuple[list[str], list]:
         try:
             images = read(name, index=":")
         except Exception as err:  # ase raises many types for unreadable files
-            raise click.ClickException(f"{name}: cannot read structures ({err})") from err
+            raise click.ClickException(f"{name}: cannot read structures ({type(err).__name__}: {err})") from err
+        if not images:
+            raise click.ClickException(f"{name}: no structures in file")
         for k, atoms in enumerate(images):
             labels.append(name if len(images) == 1 else f"{name}@{k}")
             frames.append(atoms)
@@ -39,7 +41,8 @@ def _read_structures(files: tuple[str, ...]) -> tuple[list[str], list]:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batch_size: int, device: str) -> None:
+@click.option("--primitive", is_flag=True, help="Predict on primitive cells (same answer, faster for supercells).")
+def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batch_size: int, device: str, primitive: bool) -> None:
     """Predict properties of every structure in FILES (CIF, POSCAR, extxyz, ...)."""
     import pandas as pd
 
@@ -54,7 +57,7 @@ def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batc
     try:
         for name in names:
             model = load_model(name, device=device)
-            values = model.predict(frames, batch_size=batch_size).reshape(len(frames), -1)
+            values = model.predict(frames, batch_size=batch_size, primitive=primitive).reshape(len(frames), -1)
             for t, spec in enumerate(model.config.targets):
                 unit = f" ({spec.unit})" if spec.unit else ""
                 column = f"{spec.name}{unit}" if len(names) == 1 else f"{Path(str(name)).name}:{spec.name}{unit}"
@@ -144,7 +147,7 @@ def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
 
 def _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
                   swa_epochs, seed, device, resume, cutoff, blocks, force_weight, stress_weight, progress, workers,
-                  data_args):
+                  data_args, recipe):
     import sys
 
     from .config import ModelConfig, TrainConfig
@@ -155,7 +158,7 @@ def _run_training(source, targets, transforms, units, out, init_from, freeze_enc
     specs = _target_specs(targets, transforms, dataset.units, units)
     try:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, swa_epochs=min(swa_epochs, epochs),
-                             seed=seed, force_weight=force_weight, stress_weight=stress_weight)
+                             seed=seed, force_weight=force_weight, stress_weight=stress_weight, **recipe)
         model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff) if init_from is None else None
 
         def echo(summary: dict) -> None:
@@ -191,6 +194,10 @@ def training_options(func):
         click.option("--seed", default=123, show_default=True, type=int),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch."),
+        click.option("--weight-decay", default=1e-5, show_default=True, help="AdamW weight decay (not on biases)."),
+        click.option("--lr-decay-steps", default=4000, show_default=True, type=click.IntRange(min=1), help="T of lr·sqrt(T/(T+t))."),
+        click.option("--clip-norm", default=1.0, show_default=True, help="Global gradient-norm clip."),
+        click.option("--betas", default=(0.9, 0.98), nargs=2, type=float, show_default=True, help="AdamW betas."),
         click.option("--force-weight", default=0.0, show_default=True, help="Weight of the force L1 loss (eV/Å)."),
         click.option("--stress-weight", default=0.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³)."),
         click.option("--progress/--no-progress", default=True, show_default=True),
@@ -207,12 +214,13 @@ def training_options(func):
 @click.option("--cutoff", default=10.0, show_default=True, help="Window radius in Å.")
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
 def train(source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir, targets,
-          transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume, force_weight, stress_weight,
-          progress, workers, cutoff, blocks):
+          transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume, weight_decay, lr_decay_steps,
+          clip_norm, betas, force_weight, stress_weight, progress, workers, cutoff, blocks):
     """Train a Crystalformer from scratch with the paper's recipe."""
     _run_training(source, targets, transforms, units, out, None, False, epochs, batch_size, lr, swa_epochs, seed,
                   device, resume, cutoff, blocks, force_weight, stress_weight, progress, workers,
-                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir))
+                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
+                  dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
 
 
 @main.command()
@@ -222,11 +230,12 @@ def train(source, data_dir, structure_column, id_column, split_file, split_rule,
 @training_options
 def finetune(init_from, freeze_encoder, source, data_dir, structure_column, id_column, split_file, split_rule,
              primitive, cache_dir, targets, transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume,
-             force_weight, stress_weight, progress, workers):
+             weight_decay, lr_decay_steps, clip_norm, betas, force_weight, stress_weight, progress, workers):
     """Fine-tune a trained model (a new head when the targets differ)."""
     _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
                   swa_epochs, seed, device, resume, 10.0, 4, force_weight, stress_weight, progress, workers,
-                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir))
+                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
+                  dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
 
 
 @main.command()

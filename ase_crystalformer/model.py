@@ -18,7 +18,7 @@ from torch import nn
 from .attention import GaussianBasis, PeriodicAttention, WindowGeometry
 from .config import MAX_ATOMIC_NUMBER, ModelConfig
 from .geometry import Batch, collate, image_vectors, windows_for
-from .structures import as_atoms_list
+from .structures import as_atoms_list, check_all, primitive_cell
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -140,15 +140,20 @@ class Crystalformer(nn.Module):
         windows = windows_for(as_atoms_list(structures), self.config.cutoff)
         return collate(windows, self.dtype).to(self.device)
 
-    def predict(self, structures: Any, batch_size: int = 64) -> np.ndarray:
+    def predict(self, structures: Any, batch_size: int = 64, *, primitive: bool = False) -> np.ndarray:
         """Predict every target for one structure or a list of ASE/pymatgen structures.
 
         Returns shape (n,) for a single-target model, else (n, T), in the targets' units.
         All structures are checked before any is predicted, so a bad one fails fast.
+        ``primitive=True`` predicts on each structure's primitive cell: the same answer
+        (the model is invariant to the cell) for less work when given supercells.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         atoms_list = as_atoms_list(structures)
+        if primitive:
+            check_all(atoms_list)
+            atoms_list = [primitive_cell(a) for a in atoms_list]
         windows = windows_for(atoms_list, self.config.cutoff)
         was_training = self.training
         self.eval()

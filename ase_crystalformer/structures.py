@@ -101,3 +101,26 @@ def check_all(atoms_list: Sequence[Atoms]) -> None:
     """``check_atoms`` for each structure, labelled by its position in the input."""
     for index, atoms in enumerate(atoms_list):
         check_atoms(atoms, describe(atoms, index))
+
+
+def primitive_cell(atoms: Atoms, symprec: float = 1e-5) -> Atoms:
+    """The smallest cell of the same crystal (spglib), or ``atoms`` itself if none is smaller.
+
+    The model is exactly invariant to the choice of cell, so predicting on the primitive
+    cell gives the same answer for a fraction of the cost. Only pure lattice translations
+    are used (tight ``symprec``, no idealisation): positions and lattice are not symmetrised.
+    """
+    if not atoms.pbc.all():
+        return atoms
+    import warnings
+
+    import spglib
+
+    cell = (np.asarray(atoms.cell), atoms.get_scaled_positions(), atoms.numbers)
+    with warnings.catch_warnings():  # spglib 2.x warns about its own error-handling switch
+        warnings.simplefilter("ignore", DeprecationWarning)
+        found = spglib.standardize_cell(cell, to_primitive=True, no_idealize=True, symprec=symprec)
+    if found is None or len(found[2]) >= len(atoms):
+        return atoms
+    lattice, scaled, numbers = found
+    return Atoms(numbers=numbers, scaled_positions=scaled, cell=lattice, pbc=True)

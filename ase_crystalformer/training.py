@@ -35,6 +35,7 @@ from .data import Dataset
 from .errors import DataError, StructureError
 from .forces import energy_forces_stress
 from .geometry import Window, build_window, collate
+from .inference import resolve_device
 from .model import Crystalformer
 
 log = logging.getLogger(__name__)
@@ -143,15 +144,6 @@ def _distributed() -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
     return torch.distributed.get_rank(), world
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available; a CUDA request without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 class Trainer:

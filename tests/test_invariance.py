@@ -108,3 +108,13 @@ def test_batch_independence_float32():
     alone = np.array([m.predict(s)[0] for s in structures])
     np.testing.assert_allclose(m.predict(structures), alone, rtol=1e-5, atol=1e-6)
     assert m.predict(structures).dtype == np.float32
+
+
+def test_primitive_option_gives_the_same_answer(model):
+    from ase_crystalformer.structures import primitive_cell
+
+    for atoms in crystals(2, seed=31):
+        big = make_supercell(atoms, np.array([[1, 1, 0], [-1, 1, 0], [0, 0, 2]]))
+        assert len(primitive_cell(big)) == len(atoms)
+        _close(model.predict(big, primitive=True), model.predict(atoms))
+        _close(model.predict(big, primitive=True), model.predict(big))

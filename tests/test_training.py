@@ -154,8 +154,11 @@ def test_cli_train_and_evaluate(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(main, ["train", "--data", str(FIXTURE), "--target", "e_form", "--epochs", "2",
                                   "--swa-epochs", "1", "--batch-size", "8", "--blocks", "1", "--cutoff", "7",
+                                  "--weight-decay", "2e-5", "--clip-norm", "0.5", "--betas", "0.8", "0.9",
                                   "--out", str(out), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
+    recipe = load_model(out / "best.safetensors").metadata["train_config"]
+    assert (recipe["weight_decay"], recipe["clip_norm"], recipe["betas"]) == (2e-5, 0.5, [0.8, 0.9])
     assert "epoch    2" in result.output and "swa_test: e_form MAE" in result.output
     result = runner.invoke(main, ["evaluate", "--model", str(out / "swa.safetensors"), "--data", str(FIXTURE),
                                   "--out-dir", str(tmp_path / "eval")])
