@@ -146,7 +146,7 @@ def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
 
 
 def _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
-                  swa_epochs, seed, device, resume, cutoff, blocks, force_weight, stress_weight, progress, workers,
+                  swa_epochs, seed, device, resume, architecture, force_weight, stress_weight, progress, workers,
                   data_args, recipe):
     import sys
 
@@ -159,7 +159,10 @@ def _run_training(source, targets, transforms, units, out, init_from, freeze_enc
     try:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, swa_epochs=min(swa_epochs, epochs),
                              seed=seed, force_weight=force_weight, stress_weight=stress_weight, **recipe)
-        model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff) if init_from is None else None
+        model_config = None
+        if architecture is not None:  # a new model (train); finetune keeps the pretrained one
+            cutoff, blocks, activation = architecture
+            model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation)
 
         def echo(summary: dict) -> None:
             val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_"))
@@ -213,12 +216,13 @@ def training_options(func):
 @training_options
 @click.option("--cutoff", default=10.0, show_default=True, help="Window radius in Å.")
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--activation", type=click.Choice(["relu", "gelu", "silu"]), default="relu", show_default=True, help="silu or gelu give smooth forces (spec §9.3).")
 def train(source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir, targets,
           transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume, weight_decay, lr_decay_steps,
-          clip_norm, betas, force_weight, stress_weight, progress, workers, cutoff, blocks):
+          clip_norm, betas, force_weight, stress_weight, progress, workers, cutoff, blocks, activation):
     """Train a Crystalformer from scratch with the paper's recipe."""
     _run_training(source, targets, transforms, units, out, None, False, epochs, batch_size, lr, swa_epochs, seed,
-                  device, resume, cutoff, blocks, force_weight, stress_weight, progress, workers,
+                  device, resume, (cutoff, blocks, activation), force_weight, stress_weight, progress, workers,
                   (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
                   dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
 
@@ -233,7 +237,7 @@ def finetune(init_from, freeze_encoder, source, data_dir, structure_column, id_c
              weight_decay, lr_decay_steps, clip_norm, betas, force_weight, stress_weight, progress, workers):
     """Fine-tune a trained model (a new head when the targets differ)."""
     _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
-                  swa_epochs, seed, device, resume, 10.0, 4, force_weight, stress_weight, progress, workers,
+                  swa_epochs, seed, device, resume, None, force_weight, stress_weight, progress, workers,
                   (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
                   dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
 
