@@ -47,11 +47,15 @@ ENERGY_PROPERTIES = ("energy", "free_energy", "forces", "stress")
 INFO_PREFIX = "crystalformer_"
 _ASE_KEYWORDS = frozenset({"label", "atoms", "directory"})
 _FIXED_PARAMETERS = frozenset({"model", "models", "device", "dtype"})
-_SLAB_STRESS = (
-    "stress is only defined here for fully periodic structures (pbc all True); for a slab "
-    "or wire the cell volume includes vacuum and strain along a non-periodic axis is not a "
-    "deformation of the material. Forces work for any pbc."
+_NO_VOLUME = (
+    "stress needs a cell of non-zero volume: give the non-periodic axes of a slab or wire "
+    "a vacuum vector (ASE's convention divides dE/dε by the whole cell volume, vacuum "
+    "included). Forces work for any cell."
 )
+
+
+def _has_volume(atoms: Atoms) -> bool:
+    return abs(np.linalg.det(np.asarray(atoms.cell))) > 1e-9
 
 
 class CrystalformerCalculator(Calculator):
@@ -78,8 +82,10 @@ class CrystalformerCalculator(Calculator):
     where the symmetric strain ε acts as p → p(I + ε)ᵀ, L → L(I + ε)ᵀ (ASE's sign: σ > 0
     under tension). ``forces.energy_forces_stress`` computes both with one backward pass.
     The window of images is fixed per structure, so these are exact derivatives of the
-    model as evaluated. Stress needs all three axes periodic (a slab's cell volume includes
-    vacuum; ``PropertyNotImplementedError`` otherwise); forces work for slabs and wires.
+    model as evaluated. For slabs and wires the stress follows ASE's convention (the one
+    ``ase.calculators.fd.calculate_numerical_stress`` uses): the derivative with respect to a
+    strain of the whole cell, atoms included, over the whole cell volume, vacuum included; a
+    cell of zero volume (zero vectors on open axes) gets ``PropertyNotImplementedError``.
 
     What the forces mean: the gradient of a model trained on (mostly relaxed) structures
     is not a force field unless the energy model was trained on energies/forces away from
@@ -172,7 +178,7 @@ class CrystalformerCalculator(Calculator):
         """Fill ``self.results`` with every target, the embedding and, if asked, derivatives.
 
         One forward pass gives all targets, the energy and the embedding at once; forces
-        (and stress, for a fully periodic cell) cost one backward pass and are computed
+        (and stress, for a cell with a volume) cost one backward pass and are computed
         together when either is requested.
         """
         if properties is None:
@@ -189,7 +195,7 @@ class CrystalformerCalculator(Calculator):
         result = self._evaluate(
             [current],
             forces=want_grad,
-            stress=want_grad and bool(np.all(current.pbc)),
+            stress=want_grad and _has_volume(current),
             batch_size=1,
         )[0]
         self.results.update(result)
@@ -220,7 +226,7 @@ class CrystalformerCalculator(Calculator):
         """Evaluate many ASE/pymatgen structures in batches; same values as ``calculate``.
 
         ``properties`` defaults to every implemented property (stress only when every
-        structure is fully periodic). Returns one dict per structure, or with
+        structure's cell has a volume). Returns one dict per structure, or with
         ``output="dict"`` one entry per property: scalars (n,), stress (n, 6), embedding
         (n, d), forces a list of (n_i, 3) arrays. ``store_info=True`` also mirrors the
         custom properties into each input's ``atoms.info``. The inputs are never attached
@@ -229,10 +235,10 @@ class CrystalformerCalculator(Calculator):
         if output not in ("list", "dict"):
             raise ValueError(f"output={output!r}; use 'list' or 'dict'")
         atoms_list = as_atoms_list(structures)
-        all_periodic = all(bool(np.all(a.pbc)) for a in atoms_list)
+        all_have_volume = all(_has_volume(a) for a in atoms_list)
         if properties is None:
             properties = [
-                p for p in self.implemented_properties if p != "stress" or all_periodic
+                p for p in self.implemented_properties if p != "stress" or all_have_volume
             ]
         properties = list(properties)
         self._check_names(properties)
@@ -267,17 +273,15 @@ class CrystalformerCalculator(Calculator):
             )
 
     def _check_request(self, properties: Sequence[str], atoms_list: Sequence[Atoms | None]) -> None:
-        """Refuse energy-type properties without an energy model, and stress for slabs."""
+        """Refuse energy-type properties without an energy model, and stress without a volume."""
         wanted = [p for p in properties if p in ENERGY_PROPERTIES]
         if wanted and self.energy_target is None:
             raise PropertyNotImplementedError(self._no_energy_message(wanted))
         if "stress" in properties:
             for index, atoms in enumerate(atoms_list):
-                if atoms is not None and not np.all(atoms.pbc):
+                if atoms is not None and not _has_volume(atoms):
                     where = describe(atoms, index if len(atoms_list) > 1 else None)
-                    raise PropertyNotImplementedError(
-                        f"{where}: pbc={np.asarray(atoms.pbc).tolist()}; {_SLAB_STRESS}"
-                    )
+                    raise PropertyNotImplementedError(f"{where}: {_NO_VOLUME}")
 
     def _no_energy_message(self, wanted: Sequence[str]) -> str:
         loaded = ", ".join(
@@ -307,7 +311,7 @@ class CrystalformerCalculator(Calculator):
     ) -> list[dict[str, Any]]:
         """Every target and the embedding, plus energy/forces/stress when asked; per structure.
 
-        ``stress`` must only be asked for fully periodic structures (``_check_request``).
+        ``stress`` must only be asked for cells with a volume (``_check_request``).
         """
         results: list[dict[str, Any]] = [{} for _ in atoms_list]
         energy = self.energy_target
