@@ -149,3 +149,25 @@ def test_cli_featurize_table(model, frame, tmp_path) -> None:
     with torch.no_grad():
         expected = model.embed(model.make_batch([frame.structure[3]]))[0, 0].item()
     assert out["crystalformer emb 0"][2] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_cli_featurize_parquet_round_trip(model, frame, tmp_path) -> None:
+    pytest.importorskip("pyarrow")
+    from click.testing import CliRunner
+    from pymatgen.io.cif import CifWriter
+
+    from ase_crystalformer.checkpoint import save_checkpoint
+    from ase_crystalformer.cli import main
+
+    save_checkpoint(model, tmp_path / "tiny" / "model.safetensors")
+    cifs = [str(CifWriter(frame.structure[i])) for i in (0, 3)]
+    pd.DataFrame({"cif": cifs, "y": [1.0, 2.0]}).to_parquet(tmp_path / "in.parquet", index=False)
+    args = ["featurize", str(tmp_path / "in.parquet"), "--column", "cif", "--model", str(tmp_path / "tiny"),
+            "--device", "cpu", "--out", str(tmp_path / "out.parquet")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(out["y"]) == [1.0, 2.0]
+    with torch.no_grad():
+        expected = model.embed(model.make_batch([frame.structure[3]]))[0, 0].item()
+    assert out["crystalformer emb 0"][1] == pytest.approx(expected, rel=1e-5, abs=1e-6)
