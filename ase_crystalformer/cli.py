@@ -102,7 +102,8 @@ def _load(source, targets, data_dir, structure_column, id_column, split_file, sp
         raise click.ClickException(str(err)) from err
 
 
-def _target_specs(names: tuple[str, ...], transforms: tuple[str, ...], units: dict[str, str], given_units: tuple[str, ...] = ()):
+def _target_specs(names: tuple[str, ...], transforms: tuple[str, ...], units: dict[str, str],
+                  given_units: tuple[str, ...] = (), as_energy: tuple[str, ...] = ()):
     from .config import TargetSpec
 
     chosen = {}
@@ -122,8 +123,13 @@ def _target_specs(names: tuple[str, ...], transforms: tuple[str, ...], units: di
         if name == "energy":  # total energy: learnt per atom, gives forces and stress
             specs.append(TargetSpec("energy", "eV/atom", kind="energy"))
         else:
-            unit = units.get(name, "")
-            specs.append(TargetSpec(name, unit, transform=chosen.get(name, "none")))
+            if name in as_energy and chosen.get(name, "none") != "none":
+                raise click.BadParameter(f"{name}: an energy target cannot be transformed", param_hint="--as-energy")
+            kind = "energy" if name in as_energy else "intensive"
+            specs.append(TargetSpec(name, units.get(name, ""), transform=chosen.get(name, "none"), kind=kind))
+    unknown = set(as_energy) - set(names)
+    if unknown:
+        raise click.BadParameter(f"{sorted(unknown)} are not among the targets {list(names)}", param_hint="--as-energy")
     return specs
 
 
@@ -145,7 +151,7 @@ def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
     return report
 
 
-def _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
+def _run_training(source, targets, transforms, units, as_energy, out, init_from, freeze_encoder, epochs, batch_size, lr,
                   swa_epochs, seed, device, resume, architecture, force_weight, stress_weight, progress, workers,
                   data_args, recipe):
     import sys
@@ -155,7 +161,7 @@ def _run_training(source, targets, transforms, units, out, init_from, freeze_enc
     from .training import train
 
     dataset = _load(source, list(targets), *data_args, seed=seed)
-    specs = _target_specs(targets, transforms, dataset.units, units)
+    specs = _target_specs(targets, transforms, dataset.units, units, as_energy)
     try:
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, swa_epochs=min(swa_epochs, epochs),
                              seed=seed, force_weight=force_weight, stress_weight=stress_weight, **recipe)
@@ -189,6 +195,7 @@ def training_options(func):
         click.option("--target", "targets", multiple=True, required=True, help="Target column (repeatable); 'energy' trains total energy per atom."),
         click.option("--transform", "transforms", multiple=True, help="TARGET:log10 to learn log10 of a positive target."),
         click.option("--unit", "units", multiple=True, help="TARGET:UNIT where the data does not say (e.g. k_vrh:GPa)."),
+        click.option("--as-energy", multiple=True, help="A per-atom energy target (eV/atom, e.g. e_form) that the ASE calculator turns into energy, forces and stress."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, log.jsonl, report.json)."),
         click.option("--epochs", default=500, show_default=True, type=click.IntRange(min=1)),
         click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
@@ -218,10 +225,10 @@ def training_options(func):
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--activation", type=click.Choice(["relu", "gelu", "silu"]), default="relu", show_default=True, help="silu or gelu give smooth forces (spec §9.3).")
 def train(source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir, targets,
-          transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume, weight_decay, lr_decay_steps,
+          transforms, units, as_energy, out, epochs, batch_size, lr, swa_epochs, seed, device, resume, weight_decay, lr_decay_steps,
           clip_norm, betas, force_weight, stress_weight, progress, workers, cutoff, blocks, activation):
     """Train a Crystalformer from scratch with the paper's recipe."""
-    _run_training(source, targets, transforms, units, out, None, False, epochs, batch_size, lr, swa_epochs, seed,
+    _run_training(source, targets, transforms, units, as_energy, out, None, False, epochs, batch_size, lr, swa_epochs, seed,
                   device, resume, (cutoff, blocks, activation), force_weight, stress_weight, progress, workers,
                   (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
                   dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
@@ -233,10 +240,10 @@ def train(source, data_dir, structure_column, id_column, split_file, split_rule,
 @data_options
 @training_options
 def finetune(init_from, freeze_encoder, source, data_dir, structure_column, id_column, split_file, split_rule,
-             primitive, cache_dir, targets, transforms, units, out, epochs, batch_size, lr, swa_epochs, seed, device, resume,
-             weight_decay, lr_decay_steps, clip_norm, betas, force_weight, stress_weight, progress, workers):
+             primitive, cache_dir, targets, transforms, units, as_energy, out, epochs, batch_size, lr, swa_epochs, seed,
+             device, resume, weight_decay, lr_decay_steps, clip_norm, betas, force_weight, stress_weight, progress, workers):
     """Fine-tune a trained model (a new head when the targets differ)."""
-    _run_training(source, targets, transforms, units, out, init_from, freeze_encoder, epochs, batch_size, lr,
+    _run_training(source, targets, transforms, units, as_energy, out, init_from, freeze_encoder, epochs, batch_size, lr,
                   swa_epochs, seed, device, resume, None, force_weight, stress_weight, progress, workers,
                   (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
                   dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
@@ -261,7 +268,7 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
         model = load_model(model_name, device=device)
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
-    names = [_source_column(t) for t in model.config.targets]
+    names = [t.name for t in model.config.targets]
     dataset = _load(source, names, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir)
     which = which or ("test" if dataset.splits.get("test") else "all")
     try:
@@ -281,10 +288,6 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
         parity_plot(table, [t.name for t in model.config.targets], out / "parity.png", title=Path(str(model_name)).name)
         (out / "metrics.json").write_text(json.dumps({"split": which, "metrics": metrics}, indent=2))
         click.echo(f"wrote {out / 'predictions.csv'}, {out / 'parity.png'}")
-
-
-def _source_column(spec) -> str:
-    return "energy" if spec.kind == "energy" else spec.name
 
 
 @main.command()

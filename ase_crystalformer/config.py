@@ -28,8 +28,10 @@ class TargetSpec:
     name: str
     unit: str = ""
     transform: Transform = "none"
-    #: "intensive" targets are per structure or per atom; an "energy" target is a total
-    #: energy per atom (eV/atom) that the ASE calculator multiplies by the number of atoms.
+    #: "intensive" targets are per structure or per atom. An "energy" target is an energy
+    #: per atom in eV/atom (total, or formation energy: both give the same forces) that the
+    #: ASE calculator multiplies by the number of atoms and differentiates for forces/stress.
+    #: (Training reads a target *named* ``energy`` as a total energy and divides it by N.)
     kind: Literal["intensive", "energy"] = "intensive"
 
     def __post_init__(self) -> None:

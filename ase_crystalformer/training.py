@@ -75,9 +75,9 @@ def make_examples(
     for row, index in enumerate(indices):
         record = dataset.records[index]
         for t, spec in enumerate(specs):
-            value = record.targets.get(_source_name(spec))
-            if value is not None:
-                raw[row, t] = value / len(record.atoms) if spec.kind == "energy" else value
+            value = record.targets.get(spec.name)
+            if value is not None:  # the data's `energy` is a total energy; the model learns eV/atom
+                raw[row, t] = value / len(record.atoms) if spec.name == "energy" else value
     values = transform_targets(raw, specs)
     for row, index in enumerate(indices):
         record = dataset.records[index]
@@ -93,11 +93,6 @@ def make_examples(
             stress = voigt_6_to_full_3x3_stress(np.asarray(record.stress))
         examples.append(Example(record.id, window, values[row], record.forces, stress))
     return examples, skipped
-
-
-def _source_name(spec: TargetSpec) -> str:
-    """Data column of a target: an energy target is learnt per atom from total ``energy``."""
-    return "energy" if spec.kind == "energy" else spec.name
 
 
 def ids_digest(ids: Sequence[str]) -> str:

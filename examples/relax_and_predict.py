@@ -8,9 +8,14 @@ which need not be the DFT minimum, and the "relaxed" result is only as good as t
 away from equilibrium. Only a model trained on energies and forces of non-equilibrium
 structures (an energy-type target with force/stress loss) makes this a physical relaxation.
 
+The shipped ``mp-e_form`` is such an energy-type model: its energy is the formation energy of
+the cell (e_form × number of atoms, relative to the elemental references), whose forces and
+stress equal those of the total energy. Its FFN uses ReLU, so the energy surface has kinks
+(spec §9.3); BFGS copes, but the forces are only piecewise smooth.
+
 Usage:
-    python examples/relax_and_predict.py STRUCTURE.cif --model ENERGY_MODEL [--model OTHER ...]
-    python examples/relax_and_predict.py --model ENERGY_MODEL   # a rattled rocksalt NaCl
+    python examples/relax_and_predict.py --model mp-e_form --model mp-band_gap   # rattled NaCl
+    python examples/relax_and_predict.py STRUCTURE.cif --model mp-e_form [--model OTHER ...]
 
 Every ``--model`` is a shipped model name or a checkpoint path; one of them needs an energy
 target (``TargetSpec(kind="energy")``). The others add their predictions at the end.

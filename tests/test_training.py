@@ -183,3 +183,20 @@ def test_torchrun_two_process_gloo(tmp_path):
     log = _log(tmp_path)
     assert len(log) == 2  # only rank 0 writes
     assert load_model(tmp_path / "best.safetensors").metadata["n_train"] == 24
+
+
+def test_per_atom_energy_target_is_read_as_is_and_gives_forces(dataset, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(FIXTURE), "--target", "e_form", "--as-energy", "e_form",
+                                       "--epochs", "1", "--swa-epochs", "0", "--batch-size", "8", "--blocks", "1",
+                                       "--cutoff", "7", "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model = load_model(tmp_path / "best.safetensors")
+    assert model.config.targets[0].kind == "energy"
+    y = np.array([dataset.records[i].targets["e_form"] for i in dataset.splits["train"]])
+    assert model.target_mean.item() == pytest.approx(y.mean(), rel=1e-6)  # not divided by N
+    from ase_crystalformer.calculator import CrystalformerCalculator
+
+    atoms = dataset.records[0].atoms.copy()
+    atoms.calc = CrystalformerCalculator(model, device="cpu")
+    assert atoms.get_potential_energy() == pytest.approx(len(atoms) * model.predict(atoms)[0], rel=1e-5)
+    assert atoms.get_forces().shape == (len(atoms), 3)
