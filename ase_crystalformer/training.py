@@ -371,7 +371,7 @@ def train(
     targets: Sequence[TargetSpec],
     out_dir: str | Path,
     *,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     model_config: ModelConfig | None = None,
     init_from: str | Path | Crystalformer | None = None,
     freeze_encoder: bool = False,
@@ -387,6 +387,7 @@ def train(
     ``targets`` name dataset columns; an ``energy``-kind target learns total energy per atom
     (and forces/stress when their loss weights are > 0).
     """
+    config = config or TrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
