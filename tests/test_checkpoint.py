@@ -122,3 +122,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(_trained_like(), path)
     assert path.read_bytes() == before
+
+
+def test_cli_models_lists_targets_units_and_test_mae(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ase_crystalformer.cli import main
+
+    save_checkpoint(_trained_like(), tmp_path / "gap-model" / "model.safetensors", {"test_mae": {"band_gap": 0.25}})
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0
+    line = next(l for l in result.output.splitlines() if l.startswith("gap-model"))
+    assert "band_gap" in line and "eV" in line and "test MAE 0.25" in line
