@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from ase_crystalformer.checkpoint import read_checkpoint, save_checkpoint
@@ -80,6 +81,10 @@ def main() -> None:
 
 {notes['not_for']}
 """
+    parity = args.eval_test / "parity.png"
+    if parity.is_file():
+        shutil.copyfile(parity, path.parent / "parity_test.png")
+        card += "\n![test parity plot](parity_test.png)\n"
     (path.parent / "README.md").write_text(card)
     print(f"wrote {path.parent / 'README.md'}")
 
