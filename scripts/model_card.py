@@ -32,9 +32,10 @@ def main() -> None:
     val = json.loads((args.eval_val / "metrics.json").read_text())["metrics"]
     test = json.loads((args.eval_test / "metrics.json").read_text())["metrics"]
     notes = json.loads(args.notes.read_text())[args.name]
-    meta["test_mae"] = {k: round(v["mae"], 5) for k, v in test.items()}
-    meta["val_mae"] = {k: round(v["mae"], 5) for k, v in val.items()}
-    save_checkpoint(model, path, meta)
+    scores = {"test_mae": {k: round(v["mae"], 5) for k, v in test.items()},
+              "val_mae": {k: round(v["mae"], 5) for k, v in val.items()}}
+    if any(meta.get(k) != v for k, v in scores.items()):  # rewrite (a 3 MB blob) only on change
+        save_checkpoint(model, path, {**meta, **scores})
 
     spec = model.config.targets[0]
     unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
