@@ -151,24 +151,26 @@ def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
     return report
 
 
-def _run_training(source, targets, transforms, units, as_energy, out, init_from, freeze_encoder, epochs, batch_size, lr,
-                  swa_epochs, seed, device, resume, architecture, force_weight, stress_weight, progress, workers,
-                  data_args, recipe):
+def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, model_config=None) -> None:
+    """Shared body of ``train`` and ``finetune``; ``opts`` are the click options by name."""
     import sys
 
-    from .config import ModelConfig, TrainConfig
+    from .config import TrainConfig
     from .errors import CrystalformerError
     from .training import train
 
-    dataset = _load(source, list(targets), *data_args, seed=seed)
-    specs = _target_specs(targets, transforms, dataset.units, units, as_energy)
+    targets = opts["targets"]
+    dataset = _load(opts["source"], list(targets), opts["data_dir"], opts["structure_column"], opts["id_column"],
+                    opts["split_file"], opts["split_rule"], opts["primitive"], opts["cache_dir"], seed=opts["seed"])
+    specs = _target_specs(targets, opts["transforms"], dataset.units, opts["units"], opts["as_energy"])
+    out, device = Path(opts["out"]), opts["device"]
     try:
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, swa_epochs=min(swa_epochs, epochs),
-                             seed=seed, force_weight=force_weight, stress_weight=stress_weight, **recipe)
-        model_config = None
-        if architecture is not None:  # a new model (train); finetune keeps the pretrained one
-            cutoff, blocks, activation = architecture
-            model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation)
+        config = TrainConfig(
+            epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+            swa_epochs=min(opts["swa_epochs"], opts["epochs"]), seed=opts["seed"],
+            weight_decay=opts["weight_decay"], lr_decay_steps=opts["lr_decay_steps"], clip_norm=opts["clip_norm"],
+            betas=tuple(opts["betas"]), force_weight=opts["force_weight"], stress_weight=opts["stress_weight"],
+        )
 
         def echo(summary: dict) -> None:
             val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_"))
@@ -177,13 +179,13 @@ def _run_training(source, targets, transforms, units, as_energy, out, init_from,
                        f"({summary['wall_time_s']:.0f} s)")
 
         report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
-                       freeze_encoder=freeze_encoder, resume=resume, device=device,
-                       command=" ".join(["crystalformer", *sys.argv[1:]]), progress=progress, on_epoch=echo,
-                       num_workers=workers)
-        report["metrics"] = _final_report(Path(out), dataset, batch_size, "cuda" if device == "cuda" else "cpu")
+                       freeze_encoder=freeze_encoder, resume=opts["resume"], device=device,
+                       command=" ".join(["crystalformer", *sys.argv[1:]]), progress=opts["progress"], on_epoch=echo,
+                       num_workers=opts["workers"])
+        report["metrics"] = _final_report(out, dataset, opts["batch_size"], "cuda" if device == "cuda" else "cpu")
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
-    (Path(out) / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     if report["skipped"]:
         click.echo(f"skipped {len(report['skipped'])} structures (ids and reasons in report.json)")
     for key, metrics in report["metrics"].items():
@@ -224,14 +226,11 @@ def training_options(func):
 @click.option("--cutoff", default=10.0, show_default=True, help="Window radius in Å.")
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--activation", type=click.Choice(["relu", "gelu", "silu"]), default="relu", show_default=True, help="silu or gelu give smooth forces (spec §9.3).")
-def train(source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir, targets,
-          transforms, units, as_energy, out, epochs, batch_size, lr, swa_epochs, seed, device, resume, weight_decay, lr_decay_steps,
-          clip_norm, betas, force_weight, stress_weight, progress, workers, cutoff, blocks, activation):
+def train(cutoff: float, blocks: int, activation: str, **opts) -> None:
     """Train a Crystalformer from scratch with the paper's recipe."""
-    _run_training(source, targets, transforms, units, as_energy, out, None, False, epochs, batch_size, lr, swa_epochs, seed,
-                  device, resume, (cutoff, blocks, activation), force_weight, stress_weight, progress, workers,
-                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
-                  dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
+    from .config import ModelConfig
+
+    _run_training(opts, model_config=ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation))
 
 
 @main.command()
@@ -239,14 +238,9 @@ def train(source, data_dir, structure_column, id_column, split_file, split_rule,
 @click.option("--freeze-encoder", is_flag=True, help="Train only the head MLP.")
 @data_options
 @training_options
-def finetune(init_from, freeze_encoder, source, data_dir, structure_column, id_column, split_file, split_rule,
-             primitive, cache_dir, targets, transforms, units, as_energy, out, epochs, batch_size, lr, swa_epochs, seed,
-             device, resume, weight_decay, lr_decay_steps, clip_norm, betas, force_weight, stress_weight, progress, workers):
+def finetune(init_from: str, freeze_encoder: bool, **opts) -> None:
     """Fine-tune a trained model (a new head when the targets differ)."""
-    _run_training(source, targets, transforms, units, as_energy, out, init_from, freeze_encoder, epochs, batch_size, lr,
-                  swa_epochs, seed, device, resume, None, force_weight, stress_weight, progress, workers,
-                  (data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir),
-                  dict(weight_decay=weight_decay, lr_decay_steps=lr_decay_steps, clip_norm=clip_norm, betas=tuple(betas)))
+    _run_training(opts, init_from=init_from, freeze_encoder=freeze_encoder)
 
 
 @main.command()
