@@ -142,29 +142,57 @@ class PeriodicAttention(nn.Module):
         return alpha, beta
 
 
+#: Image slots handled at once by the torch path; large cells are split into row chunks
+#: so that the per-pair gathers (P, H, dh) stay below ~0.5 GB whatever the cell size.
+MAX_SLOTS = 1 << 20
+
+
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, geom: WindowGeometry
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    geom: WindowGeometry,
+    max_slots: int = MAX_SLOTS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax over every image (j, n) in each atom's window, applied to values and bases.
 
     q, k, v (N, H, dh), gamma (N, H). Returns Σ_(j,n) w·v_j (N, H, dh) and Σ_(j,n) w·b(d)
     (N, H, K) (None without bases), with w = softmax of q_i·k_j/√dh + γ_i d_ij(n)².
     On CUDA with triton installed the fused kernels of ``triton_attention`` run instead;
-    the torch code below is their reference and the fallback everywhere else.
+    the torch code below is their reference and the fallback everywhere else. Rows (query
+    atoms) are independent, so the torch path runs them in chunks of ``max_slots`` slots.
     """
     if q.is_cuda:
         from . import triton_attention  # lazy: triton is an optional dependency
 
         if triton_attention.available(q, k, v, gamma, geom.d2):
             return triton_attention.window_attention(q, k, v, gamma, geom)
-    h, dh = q.shape[1], q.shape[2]
-    qk = (q[geom.pair_i] * k[geom.pair_j]).sum(-1) / math.sqrt(dh)  # (P, H)
-    logits = qk[geom.pair] + gamma[:, None, :] * geom.d2[..., None]  # (N, M, H)
-    logits = logits.masked_fill(~geom.mask[..., None], float("-inf"))
-    weights = logits.softmax(dim=1)  # (N, M, H): a_ij·π_ij(n)
+    n, m = geom.d2.shape
+    rows = max(1, max_slots // max(m, 1))
+    if n <= rows:
+        return _window_rows(q, k, v, gamma, geom, 0, n)
+    parts = [_window_rows(q, k, v, gamma, geom, a, min(a + rows, n)) for a in range(0, n, rows)]
+    values = torch.cat([p[0] for p in parts])
+    mixed = torch.cat([p[1] for p in parts]) if geom.basis is not None else None
+    return values, mixed
 
-    pair_weight = weights.new_zeros(len(geom.pair_i), h)  # (P, H) = a_ij
-    pair_weight.index_add_(0, geom.pair.reshape(-1), weights.reshape(-1, h))
-    values = v.new_zeros(q.shape).index_add_(0, geom.pair_i, pair_weight[..., None] * v[geom.pair_j])
-    mixed = torch.bmm(weights.transpose(1, 2), geom.basis) if geom.basis is not None else None
+
+def _window_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, geom: WindowGeometry, a: int, b: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``window_attention`` for query atoms a..b-1; their pairs are contiguous (sorted by i)."""
+    h, dh = q.shape[1], q.shape[2]
+    p0, p1 = torch.searchsorted(geom.pair_i, torch.tensor([a, b], device=q.device)).tolist()
+    pair_i, pair_j = geom.pair_i[p0:p1], geom.pair_j[p0:p1]
+    pair = geom.pair[a:b] - p0  # (n, M) into this chunk's pairs
+    qk = (q[pair_i] * k[pair_j]).sum(-1) / math.sqrt(dh)  # (Pc, H)
+    logits = qk[pair] + gamma[a:b, None, :] * geom.d2[a:b, :, None]  # (n, M, H)
+    logits = logits.masked_fill(~geom.mask[a:b, :, None], float("-inf"))
+    weights = logits.softmax(dim=1)  # (n, M, H): a_ij·π_ij(n)
+
+    pair_weight = weights.new_zeros(p1 - p0, h)  # (Pc, H) = a_ij
+    pair_weight.index_add_(0, pair.reshape(-1), weights.reshape(-1, h))
+    values = v.new_zeros(b - a, h, dh).index_add_(0, pair_i - a, pair_weight[..., None] * v[pair_j])
+    mixed = torch.bmm(weights.transpose(1, 2), geom.basis[a:b]) if geom.basis is not None else None
     return values, mixed

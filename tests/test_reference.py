@@ -111,3 +111,23 @@ def test_gradients_wrt_positions_match_infinite_sum(rng):
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-6, atol=1e-9)
     assert torch.isfinite(g_fast).all()
+
+
+def test_row_chunks_give_the_same_layer(rng):
+    """Large cells run in chunks of query atoms; the result must not depend on the chunking."""
+    from ase_crystalformer.attention import window_attention
+
+    model = _model()
+    attn = model.blocks[0].attention
+    structures = [random_crystal(rng, n) for n in (1, 3, 2)]
+    batch = collate([build_window(a, model.config.cutoff) for a in structures], torch.float64)
+    geom = model.geometry(batch)
+    x = torch.randn(len(batch.numbers), model.config.d_model, dtype=torch.float64)
+    q, k, v = attn._project(x)
+    gamma = attn.gamma(q)
+    whole = window_attention(q, k, v, gamma, geom)
+    slots = geom.d2.shape[1]
+    for rows in (1, 2, 5):
+        chunked = window_attention(q, k, v, gamma, geom, max_slots=rows * slots)
+        torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(chunked[1], whole[1], rtol=1e-12, atol=1e-14)
