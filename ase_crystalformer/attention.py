@@ -32,15 +32,30 @@ from .config import ModelConfig
 
 @dataclass
 class WindowGeometry:
-    """What every layer needs from the window; computed once per batch by the model."""
+    """What every layer needs from the window; computed once per batch by the model.
+
+    The (N, M, K) radial bases are either precomputed (``basis``, shared by all layers) or,
+    for windows too large to hold them, made from ``d2`` per row chunk by ``rbf``.
+    """
 
     d2: torch.Tensor  # (N, M) squared image distances, Å²
-    basis: torch.Tensor | None  # (N, M, K) Gaussian RBFs of the distance, None if K = 0
+    basis: torch.Tensor | None  # (N, M, K) Gaussian RBFs of the distance, or None
     mask: torch.Tensor  # (N, M) bool, real image slots
     neighbor: torch.Tensor  # (N, M) long, atom j of each slot
     pair: torch.Tensor  # (N, M) long, pair of each slot
     pair_i: torch.Tensor  # (P,) long
     pair_j: torch.Tensor  # (P,) long
+    rbf: GaussianBasis | None = None  # makes the bases on demand when ``basis`` is None
+
+    @property
+    def has_basis(self) -> bool:
+        return self.basis is not None or self.rbf is not None
+
+    def basis_rows(self, a: int, b: int) -> torch.Tensor | None:
+        """RBFs of query atoms a..b-1, (b-a, M, K); None when the model has K = 0."""
+        if self.basis is not None:
+            return self.basis[a:b]
+        return self.rbf(self.d2[a:b]) if self.rbf is not None else None
 
 
 class GaussianBasis(nn.Module):
@@ -135,7 +150,8 @@ class PeriodicAttention(nn.Module):
         if self.rbf_proj is None:
             return alpha, None
         image_weight = expo / total[geom.pair.reshape(-1)]  # π (N·M, H)
-        basis = geom.basis.reshape(-1, geom.basis.shape[-1])  # (N·M, K)
+        full = geom.basis_rows(0, len(geom.d2))
+        basis = full.reshape(-1, full.shape[-1])  # (N·M, K)
         mean_basis = basis.new_zeros(len(geom.pair_i), h, basis.shape[-1])
         mean_basis.index_add_(0, geom.pair.reshape(-1), image_weight[..., None] * basis[:, None, :])
         beta = torch.einsum("phk,hdk->phd", mean_basis, self.rbf_proj)
@@ -143,7 +159,8 @@ class PeriodicAttention(nn.Module):
 
 
 #: Image slots handled at once by the torch path; large cells are split into row chunks
-#: so that the per-pair gathers (P, H, dh) stay below ~0.5 GB whatever the cell size.
+#: so that the per-pair gathers (P, H, dh) and the chunk's (rows, M, K) radial bases stay
+#: below ~0.5 GB whatever the cell size. Windows with more slots get no precomputed bases.
 MAX_SLOTS = 1 << 20
 
 
@@ -174,7 +191,7 @@ def window_attention(
         return _window_rows(q, k, v, gamma, geom, 0, n)
     parts = [_window_rows(q, k, v, gamma, geom, a, min(a + rows, n)) for a in range(0, n, rows)]
     values = torch.cat([p[0] for p in parts])
-    mixed = torch.cat([p[1] for p in parts]) if geom.basis is not None else None
+    mixed = torch.cat([p[1] for p in parts]) if geom.has_basis else None
     return values, mixed
 
 
@@ -194,5 +211,6 @@ def _window_rows(
     pair_weight = weights.new_zeros(p1 - p0, h)  # (Pc, H) = a_ij
     pair_weight.index_add_(0, pair.reshape(-1), weights.reshape(-1, h))
     values = v.new_zeros(b - a, h, dh).index_add_(0, pair_i - a, pair_weight[..., None] * v[pair_j])
-    mixed = torch.bmm(weights.transpose(1, 2), geom.basis[a:b]) if geom.basis is not None else None
+    basis = geom.basis_rows(a, b)  # (n, M, K)
+    mixed = torch.bmm(weights.transpose(1, 2), basis) if basis is not None else None
     return values, mixed

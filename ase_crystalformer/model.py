@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import GaussianBasis, PeriodicAttention, WindowGeometry
+from .attention import MAX_SLOTS, GaussianBasis, PeriodicAttention, WindowGeometry
 from .config import MAX_ATOMIC_NUMBER, ModelConfig
 from .geometry import Batch, collate, image_vectors, windows_for
 from .structures import as_atoms_list, check_all, primitive_cell
@@ -94,9 +94,13 @@ class Crystalformer(nn.Module):
         """Distances and radial bases of the window, shared by all blocks and heads."""
         r = image_vectors(batch)  # (N, M, 3)
         d2 = (r * r).sum(-1)  # (N, M)
-        basis = self.basis(d2) if self.basis is not None else None  # (N, M, K)
+        # Bases for the whole window once per batch, unless that would take more memory
+        # than the torch path's row chunks: then each chunk makes its own (on CPU; the
+        # Triton kernels read a whole (N, M, K) tensor, and GPU memory holds it).
+        whole = self.basis is not None and (d2.numel() <= MAX_SLOTS or d2.is_cuda)
         return WindowGeometry(
-            d2, basis, batch.mask, batch.neighbor, batch.pair, batch.pair_i, batch.pair_j
+            d2, self.basis(d2) if whole else None, batch.mask, batch.neighbor, batch.pair,
+            batch.pair_i, batch.pair_j, rbf=self.basis,
         )
 
     def atom_features(self, batch: Batch) -> torch.Tensor:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,13 +47,27 @@ if TYPE_CHECKING:
 _DTYPES = (torch.float32, torch.float64)
 
 
+#: Environment variable that picks the attention path on CUDA: auto (Triton when it can
+#: run) or torch (always the reference path, e.g. to rule the kernels out when debugging).
+PATH_VARIABLE = "CRYSTALFORMER_ATTENTION"
+
+
+def requested_path() -> str:
+    """The attention path asked for in ``CRYSTALFORMER_ATTENTION``: 'auto' or 'torch'."""
+    value = os.environ.get(PATH_VARIABLE, "auto").strip().lower() or "auto"
+    if value not in ("auto", "torch"):
+        raise ValueError(f"{PATH_VARIABLE} must be 'auto' or 'torch', got {value!r}")
+    return value
+
+
 def available(*tensors: torch.Tensor) -> bool:
     """True if the Triton path can take these tensors: triton installed, CUDA, fp32/fp64.
 
     Cheap (does not import triton), so the dispatcher asks on every call. CPU tensors are
     refused even under ``TRITON_INTERPRET=1``: the interpreter is for tests, not for use.
+    ``CRYSTALFORMER_ATTENTION=torch`` turns the Triton path off.
     """
-    if not tensors or importlib.util.find_spec("triton") is None:
+    if not tensors or requested_path() == "torch" or importlib.util.find_spec("triton") is None:
         return False
     return all(t.is_cuda and t.dtype in _DTYPES for t in tensors)
 
@@ -295,6 +310,8 @@ def window_attention(
     overrides the slots per program step (tests use small blocks to exercise the online
     softmax across steps).
     """
+    if geom.basis is None and geom.rbf is not None:  # the kernels read one whole basis tensor
+        geom = replace(geom, basis=geom.rbf(geom.d2))
     _check(q, k, v, gamma, geom)
     values, mixed = WindowAttentionFunction.apply(
         q, k, v, gamma, geom.d2, geom.basis, geom.mask, geom.neighbor, block_m

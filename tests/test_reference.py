@@ -1,5 +1,7 @@
 """The fast path against the brute-force float64 reference (tests/reference.py)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +63,6 @@ def test_layer_output_and_gradients_match_reference(rng):
     positions = batch.positions.clone().requires_grad_(True)
     cell = batch.cells.clone().requires_grad_(True)
     x = x.requires_grad_(True)
-    from dataclasses import replace
 
     geom = model.geometry(replace(batch, positions=positions, cells=cell))
     out = attn(x, geom)
@@ -100,7 +101,6 @@ def test_gradients_wrt_positions_match_infinite_sum(rng):
     model = _model(ModelConfig(n_blocks=1, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32), spread=False)
     atoms = random_crystal(rng, 2)
     batch = collate([build_window(atoms, model.config.cutoff)], torch.float64)
-    from dataclasses import replace
 
     pos = batch.positions.clone().requires_grad_(True)
     fast = model(replace(batch, positions=pos)).sum()
@@ -127,7 +127,32 @@ def test_row_chunks_give_the_same_layer(rng):
     gamma = attn.gamma(q)
     whole = window_attention(q, k, v, gamma, geom)
     slots = geom.d2.shape[1]
+    lazy = replace(geom, basis=None)  # bases made per chunk from d2, as for large cells
+    assert geom.basis is not None and lazy.has_basis
     for rows in (1, 2, 5):
-        chunked = window_attention(q, k, v, gamma, geom, max_slots=rows * slots)
-        torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(chunked[1], whole[1], rtol=1e-12, atol=1e-14)
+        for g in (geom, lazy):
+            chunked = window_attention(q, k, v, gamma, g, max_slots=rows * slots)
+            torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(chunked[1], whole[1], rtol=1e-12, atol=1e-14)
+
+
+def test_large_windows_make_bases_per_chunk(rng, monkeypatch):
+    """Above MAX_SLOTS slots the model precomputes no bases; outputs and forces are unchanged."""
+    import ase_crystalformer.model as model_module
+
+    model = _model()
+    atoms = random_crystal(rng, 4)
+    batch = collate([build_window(atoms, model.config.cutoff)], torch.float64)
+
+    def outputs_and_grad():
+        pos = batch.positions.clone().requires_grad_(True)
+        out = model(replace(batch, positions=pos)).sum()
+        return out, torch.autograd.grad(out, pos)[0]
+
+    whole = outputs_and_grad()
+    assert model.geometry(batch).basis is not None
+    monkeypatch.setattr(model_module, "MAX_SLOTS", 8)
+    assert model.geometry(batch).basis is None
+    lazy = outputs_and_grad()
+    torch.testing.assert_close(lazy[0], whole[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lazy[1], whole[1], rtol=1e-12, atol=1e-14)

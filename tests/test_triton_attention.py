@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,6 +155,25 @@ def test_without_basis(dtype: torch.dtype) -> None:
     check(geom, heads=2)
 
 
+def test_bases_made_from_d2() -> None:
+    """A window whose bases were not precomputed (large cells): the kernels get b(d2)."""
+    geom = geometry(mixed_batch()[:2], torch.float64, n_rbf=8)
+    lazy = replace(geom, basis=None)
+    x = inputs(geom, heads=2, dim=4, seed=2)
+    args = [x[n].to(DEVICE) for n in ("q", "k", "v", "gamma")]
+    want = triton_attention.window_attention(*args, _on(geom))
+    got = triton_attention.window_attention(*args, _on(lazy))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def _on(geom: WindowGeometry) -> WindowGeometry:
+    """``geom`` with its tensors (and its basis module) on DEVICE."""
+    moved = {f: getattr(geom, f).to(DEVICE) for f in ("d2", "mask", "neighbor", "pair", "pair_i", "pair_j")}
+    basis = geom.basis.to(DEVICE) if geom.basis is not None else None
+    return replace(geom, basis=basis, rbf=geom.rbf.to(DEVICE) if geom.rbf is not None else None, **moved)
+
+
 def test_odd_sizes() -> None:
     """Head width and K that are not powers of two, three heads."""
     check(geometry(mixed_batch()[:2], torch.float64, n_rbf=5), heads=3, dim=12)
@@ -236,6 +256,17 @@ def test_refuses_bad_input() -> None:
     assert not triton_attention.available()
 
 
+def test_path_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CRYSTALFORMER_ATTENTION=torch switches the kernels off; a typo is an error, not ignored."""
+    monkeypatch.setenv(triton_attention.PATH_VARIABLE, "Torch")
+    assert triton_attention.requested_path() == "torch"
+    monkeypatch.setenv(triton_attention.PATH_VARIABLE, "")
+    assert triton_attention.requested_path() == "auto"
+    monkeypatch.setenv(triton_attention.PATH_VARIABLE, "triton")
+    with pytest.raises(ValueError, match="CRYSTALFORMER_ATTENTION must be 'auto' or 'torch'"):
+        triton_attention.requested_path()
+
+
 @pytest.mark.skipif(not CUDA, reason="dispatch happens on CUDA tensors only")
 def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
@@ -252,3 +283,7 @@ def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     got = run(attention.window_attention, geom, x, DEVICE)
     assert calls, "attention.window_attention did not dispatch to Triton on CUDA"
     torch.testing.assert_close(got["values"], ref["values"], **TOL[torch.float32])
+    calls.clear()
+    monkeypatch.setenv(triton_attention.PATH_VARIABLE, "torch")
+    run(attention.window_attention, geom, x, DEVICE)
+    assert not calls, "CRYSTALFORMER_ATTENTION=torch still ran the Triton kernels"
