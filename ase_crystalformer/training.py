@@ -317,26 +317,38 @@ class Trainer:
                 "structures_per_s": seen / (time.perf_counter() - start)}
 
     def validate(self, model: Crystalformer | None = None) -> dict[str, float]:
-        """Mean normalised L1 (the paper's val/loss) and MAE per target in target units."""
+        """Mean normalised L1 (the paper's val/loss) and MAE per target in target units.
+
+        Under DDP each rank predicts its share of the validation set and the error sums are
+        all-reduced, so every rank gets the same numbers for a 1/world of the work.
+        """
         model = model or self.model
         if not self.val_set:
             return {}
         model.eval()
-        outs, ys = [], []
+        n_targets = len(model.config.targets)
+        # [Σ|normalised error|, n known values, then Σ|error| and n known per target]
+        sums = torch.zeros(2 + 2 * n_targets, dtype=torch.float64, device=self.device)
+        shard = self.val_set[self.rank :: self.world]
         with torch.no_grad():
-            for k in range(0, len(self.val_set), self.config.eval_batch_size):
-                batch, y = _to_batch(self.val_set[k : k + self.config.eval_batch_size], model.dtype, self.device)
-                outs.append(model(batch))
-                ys.append(y)
-        out, y = torch.cat(outs), torch.cat(ys)
-        norm = (y - model.target_mean) / model.target_std
-        known = torch.isfinite(norm)
-        result = {"val_loss": (out - norm.nan_to_num()).abs()[known].mean().item()}
-        # MAE in the (transformed) training space, which is what the paper reports.
-        pred = out * model.target_std + model.target_mean
+            for k in range(0, len(shard), self.config.eval_batch_size):
+                batch, y = _to_batch(shard[k : k + self.config.eval_batch_size], model.dtype, self.device)
+                out = model(batch)
+                norm = (y - model.target_mean) / model.target_std
+                known = torch.isfinite(norm)
+                # MAE in the (transformed) training space, which is what the paper reports.
+                error = (out * model.target_std + model.target_mean - y).abs().where(known, 0.0)
+                sums[0] += (out - norm).abs()[known].sum().double()
+                sums[1] += known.sum()
+                sums[2 : 2 + n_targets] += error.sum(0).double()
+                sums[2 + n_targets :] += known.sum(0)
+        if self.world > 1:
+            torch.distributed.all_reduce(sums)
+        sums = sums.tolist()
+        result = {"val_loss": sums[0] / sums[1] if sums[1] else float("nan")}
         for t, spec in enumerate(model.config.targets):
-            ok = known[:, t]
-            result[f"val_mae_{spec.name}"] = (pred[ok, t] - y[ok, t]).abs().mean().item()
+            n = sums[2 + n_targets + t]
+            result[f"val_mae_{spec.name}"] = sums[2 + t] / n if n else float("nan")
         return result
 
     def fit(self) -> None:
