@@ -170,21 +170,34 @@ def window_attention(
     v: torch.Tensor,
     gamma: torch.Tensor,
     geom: WindowGeometry,
-    max_slots: int = MAX_SLOTS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax over every image (j, n) in each atom's window, applied to values and bases.
 
     q, k, v (N, H, dh), gamma (N, H). Returns Σ_(j,n) w·v_j (N, H, dh) and Σ_(j,n) w·b(d)
     (N, H, K) (None without bases), with w = softmax of q_i·k_j/√dh + γ_i d_ij(n)².
-    On CUDA with triton installed the fused kernels of ``triton_attention`` run instead;
-    the torch code below is their reference and the fallback everywhere else. Rows (query
-    atoms) are independent, so the torch path runs them in chunks of ``max_slots`` slots.
+    On CUDA with triton installed the fused kernels of ``triton_attention`` run; everywhere
+    else ``torch_window_attention``, their reference.
     """
     if q.is_cuda:
         from . import triton_attention  # lazy: triton is an optional dependency
 
         if triton_attention.available(q, k, v, gamma, geom.d2):
             return triton_attention.window_attention(q, k, v, gamma, geom)
+    return torch_window_attention(q, k, v, gamma, geom)
+
+
+def torch_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    geom: WindowGeometry,
+    max_slots: int = MAX_SLOTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``window_attention`` in plain torch (any device, twice differentiable).
+
+    Rows (query atoms) are independent, so they run in chunks of ``max_slots`` slots.
+    """
     n, m = geom.d2.shape
     rows = max(1, max_slots // max(m, 1))
     if n <= rows:

@@ -21,8 +21,8 @@ Backward (``WindowAttentionFunction``) recomputes the weights from the saved log
 Numerics: all arithmetic is in the inputs' dtype (float32 or float64; no TF32, since the
 kernels use no ``tl.dot``). q is scaled by 1/√D in torch before the kernels, so the scale
 is exact in float64. A backward with ``create_graph=True`` (training on forces needs the
-gradient of a gradient) recomputes through a differentiable slot-level torch formula
-instead: correct, but with the memory of the torch path.
+gradient of a gradient) recomputes through the torch reference path instead, which is
+twice differentiable: correct, but with the memory of the torch path.
 
 ``available`` says whether this path can run; ``attention.window_attention`` dispatches
 here on CUDA. With ``TRITON_INTERPRET=1`` set before the kernels module is first imported,
@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.autograd.function import FunctionCtx
+
+from . import attention
 
 if TYPE_CHECKING:
     from .attention import WindowGeometry
@@ -126,9 +128,10 @@ def _check(
 class WindowAttentionFunction(torch.autograd.Function):
     """Fused window softmax; inputs and outputs as ``attention.window_attention``.
 
-    apply(q, k, v, gamma, d2, basis | None, mask, neighbor, block_m) → (values, mixed) with
-    q, k, v (N, H, D), gamma (N, H), d2 (N, M), basis (N, M, K), mask (N, M) bool, neighbor
-    (N, M) long; values (N, H, D), mixed (N, H, K), an empty (N, H, 0) when basis is None.
+    apply(q, k, v, gamma, d2, basis | None, geom, block_m) → (values, mixed) with
+    q, k, v (N, H, D), gamma (N, H), d2 (N, M), basis (N, M, K); values (N, H, D), mixed
+    (N, H, K), an empty (N, H, 0) when basis is None. The kernels read geom.mask and
+    geom.neighbor; a create_graph backward also the pair lists (it runs the torch path).
     """
 
     @staticmethod
@@ -140,8 +143,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         gamma: torch.Tensor,
         d2: torch.Tensor,
         basis: torch.Tensor | None,
-        mask: torch.Tensor,
-        neighbor: torch.Tensor,
+        geom: WindowGeometry,
         block_m: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from .triton_attention_kernels import window_fwd_kernel
@@ -151,8 +153,8 @@ class WindowAttentionFunction(torch.autograd.Function):
         kdim = basis.shape[2] if basis is not None else 0
         scale = 1.0 / math.sqrt(d)
         qs = (q * scale).contiguous()  # (N, H, D): logit = qs·k_j + γ d2
-        mask_u8 = mask.contiguous().view(torch.uint8)  # same bytes as bool: a plain int load
-        neighbor = neighbor.contiguous().long()
+        mask_u8 = geom.mask.contiguous().view(torch.uint8)  # same bytes as bool: a plain int load
+        neighbor = geom.neighbor.contiguous().long()
         basis_c = basis.contiguous() if basis is not None else qs  # dummy pointer if K = 0
 
         values = torch.empty_like(qs)  # (N, H, D)
@@ -168,6 +170,7 @@ class WindowAttentionFunction(torch.autograd.Function):
             )
         # The inputs themselves are saved, so that a create_graph backward stays on the graph.
         ctx.save_for_backward(q, k, v, gamma, d2, basis, mask_u8, neighbor, values, mixed, lse)
+        ctx.geom = geom
         ctx.block_m = block_m
         ctx.scale = scale
         return values, mixed
@@ -181,7 +184,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         else:
             grads = _fused_backward(ctx, gvalues, gmixed)
         need = ctx.needs_input_grad
-        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
+        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None)
 
 
 def _fused_backward(
@@ -243,29 +246,6 @@ def _fused_backward(
     return dq, dk, dv, dgamma, dd2, dbasis
 
 
-def _slot_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    gamma: torch.Tensor,
-    d2: torch.Tensor,
-    basis: torch.Tensor | None,
-    mask: torch.Tensor,
-    neighbor: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same softmax in plain, twice-differentiable torch, per slot (no pair lists).
-
-    Gathers k and v per slot, (N, M, H, D): simple, and memory-hungry on purpose only for
-    the rare create_graph backward.
-    """
-    logits = (q[:, None] * k[neighbor]).sum(-1) / math.sqrt(q.shape[-1])  # (N, M, H)
-    logits = logits + gamma[:, None, :] * d2[..., None]
-    weights = logits.masked_fill(~mask[..., None], float("-inf")).softmax(dim=1)  # (N, M, H)
-    values = torch.einsum("nmh,nmhd->nhd", weights, v[neighbor])  # (N, H, D)
-    mixed = torch.bmm(weights.transpose(1, 2), basis) if basis is not None else None
-    return values, mixed
-
-
 def _differentiable_backward(
     ctx: Any, gvalues: torch.Tensor | None, gmixed: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
@@ -278,9 +258,11 @@ def _differentiable_backward(
         # (and so on), which autograd.grad would do for the saved, related tensors.
         inputs = tuple(t.view_as(t) if t is not None else None for t in saved[:6])
         q, k, v, gamma, d2, basis = inputs
-        mask_u8, neighbor = saved[6], saved[7]
         wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
-        values, mixed = _slot_attention(q, k, v, gamma, d2, basis, mask_u8.bool(), neighbor)
+        # The torch reference path is twice differentiable; rare (force training), so its
+        # per-pair memory is acceptable here.
+        geom = replace(ctx.geom, d2=d2, basis=basis, rbf=None)
+        values, mixed = attention.torch_window_attention(q, k, v, gamma, geom)
         outputs, grads_out = [values], [gvalues if gvalues is not None else torch.zeros_like(values)]
         if mixed is not None and gmixed is not None:
             outputs.append(mixed)
@@ -305,15 +287,13 @@ def window_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``attention.window_attention`` computed by the Triton kernels (CUDA, or interpreted).
 
-    q, k, v (N, H, D), gamma (N, H) → values (N, H, D), mixed (N, H, K) or None. Reads
-    geom.d2, geom.basis, geom.mask and geom.neighbor (not the pair lists). ``block_m``
+    q, k, v (N, H, D), gamma (N, H) → values (N, H, D), mixed (N, H, K) or None. The
+    kernels read geom.d2, geom.basis, geom.mask and geom.neighbor. ``block_m``
     overrides the slots per program step (tests use small blocks to exercise the online
     softmax across steps).
     """
     if geom.basis is None and geom.rbf is not None:  # the kernels read one whole basis tensor
         geom = replace(geom, basis=geom.rbf(geom.d2))
     _check(q, k, v, gamma, geom)
-    values, mixed = WindowAttentionFunction.apply(
-        q, k, v, gamma, geom.d2, geom.basis, geom.mask, geom.neighbor, block_m
-    )
+    values, mixed = WindowAttentionFunction.apply(q, k, v, gamma, geom.d2, geom.basis, geom, block_m)
     return values, (mixed if geom.basis is not None else None)

@@ -4,7 +4,7 @@
 
 Needs CUDA. Same structures (a fixed random sample of the CSV), same weights, float32
 (``--dtype float64`` for the other). Paths: ``triton`` (every layer's window attention on
-``triton_attention``), ``torch`` (``attention.window_attention``'s torch code) and
+``triton_attention``), ``torch`` (``attention.torch_window_attention``) and
 ``dense`` (``dense_box_reference``, chunked). Per path: ms/structure at batch 1,
 inference structures/s at batch 128, one training step at batch 128 (forward, L1 loss,
 backward, clipping, AdamW), each with its peak GPU memory (``max_memory_allocated``);
@@ -40,21 +40,19 @@ LABELS = {
 def attention_path(path: str) -> Iterator[None]:
     """Route every layer's ``window_attention`` to the Triton kernels or to the torch code.
 
-    Works whether or not ``attention.window_attention`` dispatches to Triton itself: the
-    layers look the function up in ``attention`` at call time, so it is swapped there, and
-    ``triton_attention.available`` is forced off for the torch path.
+    The layers look the function up in ``attention`` at call time, so it is swapped there.
     """
     from ase_crystalformer import attention, triton_attention
 
-    torch_path, available = attention.window_attention, triton_attention.available
+    dispatcher = attention.window_attention
     if path == "triton":
         attention.window_attention = triton_attention.window_attention
     elif path == "torch":
-        triton_attention.available = lambda *tensors: False
+        attention.window_attention = attention.torch_window_attention
     try:
         yield
     finally:
-        attention.window_attention, triton_attention.available = torch_path, available
+        attention.window_attention = dispatcher
 
 
 def sync() -> None:

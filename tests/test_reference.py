@@ -115,7 +115,7 @@ def test_gradients_wrt_positions_match_infinite_sum(rng):
 
 def test_row_chunks_give_the_same_layer(rng):
     """Large cells run in chunks of query atoms; the result must not depend on the chunking."""
-    from ase_crystalformer.attention import window_attention
+    from ase_crystalformer.attention import torch_window_attention
 
     model = _model()
     attn = model.blocks[0].attention
@@ -125,13 +125,13 @@ def test_row_chunks_give_the_same_layer(rng):
     x = torch.randn(len(batch.numbers), model.config.d_model, dtype=torch.float64)
     q, k, v = attn._project(x)
     gamma = attn.gamma(q)
-    whole = window_attention(q, k, v, gamma, geom)
+    whole = torch_window_attention(q, k, v, gamma, geom)
     slots = geom.d2.shape[1]
     lazy = replace(geom, basis=None)  # bases made per chunk from d2, as for large cells
     assert geom.basis is not None and lazy.has_basis
     for rows in (1, 2, 5):
         for g in (geom, lazy):
-            chunked = window_attention(q, k, v, gamma, g, max_slots=rows * slots)
+            chunked = torch_window_attention(q, k, v, gamma, g, max_slots=rows * slots)
             torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(chunked[1], whole[1], rtol=1e-12, atol=1e-14)
 

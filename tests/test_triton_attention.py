@@ -187,8 +187,8 @@ def tiny_geometry(dtype: torch.dtype) -> WindowGeometry:
     d2 = torch.rand(3, 4, generator=g, dtype=dtype) * 4
     d2[torch.arange(3), torch.tensor([0, 0, 0])] = 0.0  # self images
     basis = torch.rand(3, 4, 3, generator=g, dtype=dtype)
-    empty = torch.zeros(0, dtype=torch.long)
-    return WindowGeometry(d2, basis, mask, neighbor, neighbor, empty, empty)
+    keys, pair = torch.unique(torch.arange(3)[:, None] * 3 + neighbor, return_inverse=True)
+    return WindowGeometry(d2, basis, mask, neighbor, pair, keys // 3, keys % 3)
 
 
 def test_gradcheck_and_gradgradcheck() -> None:
@@ -196,10 +196,10 @@ def test_gradcheck_and_gradgradcheck() -> None:
     x = inputs(geom, heads=2, dim=4, seed=5)
     args = [x[n].to(DEVICE).requires_grad_() for n in ("q", "k", "v", "gamma")]
     args += [geom.d2.to(DEVICE).requires_grad_(), geom.basis.to(DEVICE).requires_grad_()]
-    mask, neighbor = geom.mask.to(DEVICE), geom.neighbor.to(DEVICE)
+    on_device = _on(geom)
 
     def fn(*a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return triton_attention.WindowAttentionFunction.apply(*a, mask, neighbor, 2)
+        return triton_attention.WindowAttentionFunction.apply(*a, on_device, 2)
 
     # fast_mode: random projections of the Jacobian, few interpreted kernel launches.
     assert torch.autograd.gradcheck(fn, args, fast_mode=True)
