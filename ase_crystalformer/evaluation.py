@@ -41,7 +41,7 @@ def regression_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     resid = p - t
     var = ((t - t.mean()) ** 2).sum()
     return {
-        "n": int(len(t)),
+        "n": len(t),
         "mae": float(np.abs(resid).mean()),
         "rmse": float(np.sqrt((resid**2).mean())),
         "r2": float(1 - (resid**2).sum() / var) if var > 0 else float("nan"),

@@ -45,7 +45,7 @@ def describe(atoms: Atoms, index: int | None = None) -> str:
     name = f"structure {index}" if index is not None else "structure"
     try:
         formula = atoms.get_chemical_formula(empty="empty")
-    except Exception:  # an unknown element can break the formula itself
+    except Exception:  # noqa: BLE001 - an unknown element can break the formula itself
         formula = "?"
     return f"{name} ({formula})"
 

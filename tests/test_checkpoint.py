@@ -9,7 +9,13 @@ from ase.build import bulk
 from safetensors.torch import save_file
 
 from ase_crystalformer import CheckpointError, Crystalformer, ModelConfig, TargetSpec
-from ase_crystalformer.checkpoint import MODELS_ENV, list_models, load_model, read_checkpoint, save_checkpoint
+from ase_crystalformer.checkpoint import (
+    MODELS_ENV,
+    list_models,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 CONFIG = ModelConfig(n_blocks=1, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32,
                      targets=(TargetSpec("band_gap", "eV"),))
@@ -68,7 +74,7 @@ def _rewrite(path, out, header_change=None, tensor_change=None):
 
     with safe_open(str(path), framework="pt") as f:
         header = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f}
     if header_change:
         header_change(header)
     if tensor_change:

@@ -56,7 +56,7 @@ def load_cached(path: Path) -> Dataset | None:
     try:
         with open(path, "rb") as handle:
             dataset = pickle.load(handle)
-    except Exception as exc:  # truncated or stale pickle: rebuild rather than fail
+    except Exception as exc:  # noqa: BLE001 - truncated or stale pickle: rebuild rather than fail
         logger.warning("ignoring unreadable dataset cache %s (%s)", path, exc)
         return None
     if not isinstance(dataset, Dataset):
