@@ -74,7 +74,7 @@ def _rewrite(path, out, header_change=None, tensor_change=None):
 
     with safe_open(str(path), framework="pt") as f:
         header = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     if header_change:
         header_change(header)
     if tensor_change:
