@@ -103,13 +103,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> str:
-    """One line: CPU, torch build and threads, GPU if any, load at start (shared machines)."""
+def machine(threads: int = 0) -> str:
+    """One line: CPU, torch build and threads (the workers' ``threads`` if set), GPU if any,
+    load at start (shared machines)."""
+    threads = threads or torch.get_num_threads()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"{cpu_name()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
+        f"torch {torch.__version__} ({threads} threads), {gpu}, "
         f"load average {load:.1f} at start"
     )
 

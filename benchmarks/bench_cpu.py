@@ -150,7 +150,7 @@ def main() -> None:
     unknown = set(paths) - set(PATHS)
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {list(PATHS)}")
-    print(f"machine: {_common.machine()}")
+    print(f"machine: {_common.machine(args.threads)}")
     print(f"data: {args.data}, batch {args.batch}, float32\n")
     forwarded = [
         "--data", args.data, "--batch", str(args.batch), "--seed", str(args.seed),

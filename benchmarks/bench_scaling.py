@@ -120,7 +120,7 @@ def main() -> None:
     script = str(Path(__file__))
     common = ["--data", args.data, "--material", args.material, "--repeats", str(args.repeats),
               "--threads", str(args.threads), "--forces-max-atoms", str(args.forces_max_atoms)]
-    print(f"machine: {_common.machine()}")
+    print(f"machine: {_common.machine(args.threads)}")
     print(f"cell: {args.material} ×n×n×n, float32, batch 1, median of {args.repeats} calls\n")
 
     def measure(n: int, path: str) -> dict:
