@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def worker(args: argparse.Namespace) -> dict:
         "infer_ms": 1e3 * _common.median(infer),
         "forces_ms": 1e3 * forces,
         "rss_delta_mb": infer_rss,
-        "forces_rss_delta_mb": _common.peak_rss_mb() - rss_base if forces == forces else float("nan"),
+        "forces_rss_delta_mb": _common.peak_rss_mb() - rss_base if not math.isnan(forces) else float("nan"),
         "prediction": prediction,
         "threads": torch.get_num_threads(),
     }
