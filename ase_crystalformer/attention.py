@@ -47,10 +47,6 @@ class WindowGeometry:
     pair_j: torch.Tensor  # (P,) long
     rbf: GaussianBasis | None = None  # makes the bases on demand when ``basis`` is None
 
-    @property
-    def has_basis(self) -> bool:
-        return self.basis is not None or self.rbf is not None
-
     def basis_rows(self, a: int, b: int) -> torch.Tensor | None:
         """RBFs of query atoms a..b-1, (b-a, M, K); None when the model has K = 0."""
         if self.basis is not None:
@@ -159,8 +155,9 @@ class PeriodicAttention(nn.Module):
 
 
 #: Image slots handled at once by the torch path; large cells are split into row chunks
-#: so that the per-pair gathers (P, H, dh) and the chunk's (rows, M, K) radial bases stay
-#: below ~0.5 GB whatever the cell size. Windows with more slots get no precomputed bases.
+#: so that each per-pair gather (P, H, dh) and the chunk's (rows, M, K) radial bases stay
+#: below ~0.5 GiB in float32 whatever the cell size (about 1.6 GiB peak per chunk, see
+#: docs/benchmarks.md). Windows with more slots get no precomputed bases.
 MAX_SLOTS = 1 << 20
 
 
@@ -204,7 +201,7 @@ def torch_window_attention(
         return _window_rows(q, k, v, gamma, geom, 0, n)
     parts = [_window_rows(q, k, v, gamma, geom, a, min(a + rows, n)) for a in range(0, n, rows)]
     values = torch.cat([p[0] for p in parts])
-    mixed = torch.cat([p[1] for p in parts]) if geom.has_basis else None
+    mixed = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
     return values, mixed
 
 
