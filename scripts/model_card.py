@@ -3,7 +3,7 @@
 Also stores the evaluated test MAE in the checkpoint header (``test_mae``), which
 ``crystalformer models`` prints; the weights are not touched.
 
-    python scripts/model_card.py NAME --eval-val DIR --eval-test DIR --card-notes notes.json
+    python scripts/model_card.py NAME --eval-val DIR --eval-test DIR --notes scripts/model_cards.json [--report RUN/report.json]
     (DIR = an `crystalformer evaluate ... --out-dir DIR` folder holding metrics.json)
 """
 
@@ -19,12 +19,36 @@ from ase_crystalformer.checkpoint import read_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def candidates(report: Path | None, target: str, unit: str) -> str:
+    """Best-validation and SWA models of the last stage, from its run's report.json.
+
+    The trainer scores both with the evaluation code of ``crystalformer evaluate`` (a test
+    checks that they agree), so the shipped model's row repeats the table above.
+    """
+    if report is None:
+        return ""
+    metrics = json.loads(report.read_text())["metrics"]
+    rows = "\n".join(
+        f"| {kind} | {metrics[f'{key}_val'][target]['mae']:.4g} | {metrics[f'{key}_test'][target]['mae']:.4g} |"
+        for kind, key in (("best validation", "best"), ("SWA", "swa"))
+        if f"{key}_val" in metrics
+    )
+    return f"""
+Both candidates of the last training stage (`{report.parent.name}/report.json`; chosen on validation):
+
+| model | val MAE ({unit}) | test MAE ({unit}) |
+|---|---|---|
+{rows}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("--eval-val", required=True, type=Path)
     parser.add_argument("--eval-test", required=True, type=Path)
     parser.add_argument("--notes", required=True, type=Path, help="JSON with the card's prose fields")
+    parser.add_argument("--report", type=Path, help="report.json of the last training stage (best-val and SWA rows)")
     args = parser.parse_args()
 
     path = ROOT / "checkpoints" / args.name / "model.safetensors"
@@ -75,7 +99,7 @@ def main() -> None:
 ```bash
 {notes['evaluate']}
 ```
-
+{candidates(args.report, spec.name, unit)}
 {notes['compare']}
 
 ## What this model is not for
