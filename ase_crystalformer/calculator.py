@@ -22,6 +22,7 @@ from ase.calculators.calculator import (
 )
 
 from .checkpoint import list_models, model_path
+from .domain import warn_outside
 from .errors import StructureError
 from .forces import energy_forces_stress
 from .geometry import Batch, collate, windows_for
@@ -318,6 +319,10 @@ class CrystalformerCalculator(Calculator):
         with eval_mode([m for _, m in self.models]):
             for cutoff, members in self._groups.items():
                 windows = windows_for(atoms_list, cutoff)  # raises StructureError, labelled
+                for index in members:
+                    label, model = self.models[index]
+                    numbers = enumerate(w.numbers for w in windows)
+                    warn_outside(label, model.metadata.get("domain"), numbers, len(windows))
                 for start in range(0, len(windows), batch_size):
                     batch = collate(windows[start : start + batch_size], self.dtype)
                     batch = batch.to(self.device)

@@ -50,7 +50,8 @@ def save_checkpoint(model: Crystalformer, path: str | Path, metadata: dict[str, 
 
 
 def read_checkpoint(path: str | Path) -> tuple[Crystalformer, dict[str, Any]]:
-    """Load a checkpoint file strictly; return the model (CPU, float32) and its metadata."""
+    """Load a checkpoint file strictly; return the model (CPU, float32) and its metadata
+    (also attached as ``model.metadata``)."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
@@ -90,6 +91,7 @@ def read_checkpoint(path: str | Path) -> tuple[Crystalformer, dict[str, Any]]:
             )
     model.load_state_dict(tensors, strict=True)
     model.eval()
+    model.metadata = metadata
     return model, metadata
 
 
@@ -127,8 +129,10 @@ def model_path(name_or_path: str | Path) -> Path:
 def load_model(name_or_path: str | Path, device: str | torch.device | None = None) -> Crystalformer:
     """Load a shipped model by name, or any checkpoint by path, in eval mode on ``device``.
 
-    The model's checkpoint metadata is attached as ``model.metadata``.
+    The model's checkpoint metadata is attached as ``model.metadata``, with its ``name``
+    (the shipped name or checkpoint folder) added.
     """
-    model, metadata = read_checkpoint(model_path(name_or_path))
-    model.metadata = metadata
+    path = model_path(name_or_path)
+    model, metadata = read_checkpoint(path)
+    metadata.setdefault("name", path.parent.name if path.name == WEIGHTS_NAME else path.stem)
     return model.to(device) if device is not None else model

@@ -6,6 +6,7 @@ The library logs; this module is the only place that talks to the terminal.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import click
@@ -42,11 +43,18 @@ def _read_structures(files: tuple[str, ...]) -> tuple[list[str], list]:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--primitive", is_flag=True, help="Predict on primitive cells (same answer, faster for supercells).")
-def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batch_size: int, device: str, primitive: bool) -> None:
-    """Predict properties of every structure in FILES (CIF, POSCAR, extxyz, ...)."""
+@click.option("--extrapolate", is_flag=True, help="Also print predictions for structures outside a model's training domain (left empty by default).")
+def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batch_size: int, device: str, primitive: bool, extrapolate: bool) -> None:
+    """Predict properties of every structure in FILES (CIF, POSCAR, extxyz, ...).
+
+    A structure unlike a model's training set (an element it never saw; another cell size
+    for a model trained on one) gets an empty cell for that model and a note on stderr.
+    """
+    import numpy as np
     import pandas as pd
 
     from .checkpoint import list_models, load_model
+    from .domain import OutOfDomainWarning
     from .errors import CrystalformerError
 
     names = list(model_names) or list_models()
@@ -57,7 +65,17 @@ def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batc
     try:
         for name in names:
             model = load_model(name, device=device)
-            values = model.predict(frames, batch_size=batch_size, primitive=primitive).reshape(len(frames), -1)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                values = model.predict(frames, batch_size=batch_size, primitive=primitive).reshape(len(frames), -1)
+            for w in caught:
+                if isinstance(w.message, OutOfDomainWarning):
+                    left = "" if extrapolate else " Left empty; --extrapolate prints them."
+                    click.echo(f"note: {w.message}.{left}", err=True)
+                    if not extrapolate:
+                        values[list(w.message.problems)] = np.nan
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             for t, spec in enumerate(model.config.targets):
                 unit = f" ({spec.unit})" if spec.unit else ""
                 column = f"{spec.name}{unit}" if len(names) == 1 else f"{Path(str(name)).name}:{spec.name}{unit}"
@@ -67,9 +85,10 @@ def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batc
     if fmt == "csv":
         click.echo(table.to_csv(index=False), nl=False)
     elif fmt == "json":
-        click.echo(json.dumps(table.to_dict(orient="records"), indent=2))
+        records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+        click.echo(json.dumps(records, indent=2))  # empty cells as null: JSON has no NaN
     else:
-        click.echo(table.to_string(index=False))
+        click.echo(table.to_string(index=False, na_rep="-"))
 
 
 # --------------------------------------------------------------------------- data options

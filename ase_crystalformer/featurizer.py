@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from . import inference
+from .domain import warn_outside
 from .errors import missing_extra
 from .geometry import build_window, collate
 from .inference import (
@@ -209,6 +210,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
             for index, row in zip(indices, values):
                 out[index] = row + [float("nan")] if return_errors else row
 
+        seen: list[tuple[int, np.ndarray]] = []  # (index, atomic numbers), for the domain check
         progress = _progress(pbar, len(rows), type(self).__name__)
         try:
             for start in range(0, len(rows), self.batch_size):
@@ -221,6 +223,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
                         fail(index, err)
                     else:
                         indices.append(index)
+                        seen.append((index, windows[-1].numbers))
                 if windows:
                     run(indices, windows)
                 if progress is not None:
@@ -228,6 +231,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         finally:
             if progress is not None:
                 progress.close()
+        warn_outside(model.metadata.get("name", "model"), model.metadata.get("domain"), seen, len(rows))
         return out
 
     def _window(self, row: tuple[Any, ...], model: Crystalformer, index: int) -> Any:

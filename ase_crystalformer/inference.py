@@ -109,8 +109,7 @@ def resolve_dtype(dtype: DTypeName | torch.dtype) -> torch.dtype:
 def model_label(spec: ModelSpec, index: int) -> str:
     """A short name for a model: its shipped name, its checkpoint folder, or model<index>."""
     if isinstance(spec, Crystalformer):
-        metadata = getattr(spec, "metadata", None)
-        name = metadata.get("name") if isinstance(metadata, dict) else None
+        name = spec.metadata.get("name")
         return str(name) if name else f"model{index}"
     path = Path(spec)
     if path.suffix == ".safetensors":

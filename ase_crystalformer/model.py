@@ -17,6 +17,7 @@ from torch import nn
 
 from .attention import MAX_SLOTS, GaussianBasis, PeriodicAttention, WindowGeometry
 from .config import MAX_ATOMIC_NUMBER, ModelConfig
+from .domain import warn_outside
 from .geometry import Batch, collate, image_vectors, windows_for
 from .structures import as_atoms_list, check_all, primitive_cell
 
@@ -63,6 +64,9 @@ class Crystalformer(nn.Module):
         # Normalisation of the (transformed) targets: training-split mean and population std.
         self.register_buffer("target_mean", torch.zeros(n_targets))
         self.register_buffer("target_std", torch.ones(n_targets))
+        #: Checkpoint metadata (``checkpoint.load_model`` fills it): provenance, metrics and
+        #: the training ``domain`` that ``predict`` checks structures against.
+        self.metadata: dict[str, Any] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -148,8 +152,8 @@ class Crystalformer(nn.Module):
         """Predict every target for one structure or a list of ASE/pymatgen structures.
 
         Returns shape (n,) for a single-target model, else (n, T), in the targets' units.
-        All structures are checked before any is predicted, so a bad one fails fast.
-        ``primitive=True`` predicts on each structure's primitive cell: the same answer
+        All structures are checked before any is predicted, so a bad one fails fast; those
+        unlike the training set raise ``domain.OutOfDomainWarning``. ``primitive=True`` predicts on each structure's primitive cell: the same answer
         (the model is invariant to the cell) for less work when given supercells.
         """
         if batch_size < 1:
@@ -159,6 +163,8 @@ class Crystalformer(nn.Module):
             check_all(atoms_list)
             atoms_list = [primitive_cell(a) for a in atoms_list]
         windows = windows_for(atoms_list, self.config.cutoff)
+        domain = self.metadata.get("domain")
+        warn_outside(self.metadata.get("name", "model"), domain, enumerate(a.numbers for a in atoms_list), len(atoms_list))
         was_training = self.training
         self.eval()
         chunks = []

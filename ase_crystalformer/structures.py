@@ -44,8 +44,8 @@ def describe(atoms: Atoms, index: int | None = None) -> str:
     """A short label for error messages: 'structure 3 (NaCl)'."""
     name = f"structure {index}" if index is not None else "structure"
     try:
-        formula = atoms.get_chemical_formula(empty="empty")
-    except Exception:  # noqa: BLE001 - an unknown element can break the formula itself
+        formula = atoms.get_chemical_formula() or "empty"
+    except (IndexError, KeyError, ValueError):  # an unknown atomic number breaks the formula
         formula = "?"
     return f"{name} ({formula})"
 

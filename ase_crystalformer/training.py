@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import ModelConfig, TargetSpec, TrainConfig
 from .data import Dataset
+from .domain import training_domain
 from .errors import DataError, StructureError
 from .forces import energy_forces_stress
 from .geometry import Window, build_window, collate
@@ -426,6 +427,7 @@ def train(
         "val_ids_sha256": ids_digest([e.id for e in val_ex]),
         "n_train": len(train_ex),
         "n_skipped": len(skipped),
+        "domain": training_domain((e.window.numbers for e in train_ex), base=model.metadata.get("domain")),
         "train_config": config.to_dict(),
         "command": command,
         "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
@@ -462,6 +464,8 @@ def _initial_model(
     state = base.state_dict()
     same_head = base.config.targets == config.targets
     keep = {k: v for k, v in state.items() if same_head or not k.startswith(("head.", "target_"))}
+    if base.metadata.get("domain"):  # the encoder has also learned the base model's data
+        model.metadata["domain"] = base.metadata["domain"]
     missing, unexpected = model.load_state_dict(keep, strict=False)
     if unexpected or any(not k.startswith(("head.", "target_")) for k in missing):
         raise ValueError(f"cannot fine-tune from {init_from}: encoder weights do not match")

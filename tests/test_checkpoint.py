@@ -35,7 +35,7 @@ def test_round_trip_keeps_weights_buffers_config_and_metadata(tmp_path):
     path = save_checkpoint(model, tmp_path / "m.safetensors", {"data": "unit test", "mae": 0.1})
     loaded = load_model(path)
     assert loaded.config == model.config
-    assert loaded.metadata == {"data": "unit test", "mae": 0.1}
+    assert loaded.metadata == {"data": "unit test", "mae": 0.1, "name": "m"}  # load_model adds the name
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     structures = [bulk("Cu"), bulk("Si")]
