@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -189,17 +191,23 @@ def torch_window_attention(
     v: torch.Tensor,
     gamma: torch.Tensor,
     geom: WindowGeometry,
-    max_slots: int = MAX_SLOTS,
+    max_slots: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``window_attention`` in plain torch (any device, twice differentiable).
 
-    Rows (query atoms) are independent, so they run in chunks of ``max_slots`` slots.
+    Rows (query atoms) are independent, so they run in chunks of ``max_slots`` slots
+    (default ``MAX_SLOTS``). Under autograd each chunk is checkpointed: its gathers are
+    recomputed in backward rather than kept, so forces and force training on a large cell
+    hold one chunk's intermediates at a time instead of all of them.
     """
     n, m = geom.d2.shape
-    rows = max(1, max_slots // max(m, 1))
+    rows = max(1, (max_slots or MAX_SLOTS) // max(m, 1))
     if n <= rows:
         return _window_rows(q, k, v, gamma, geom, 0, n)
-    parts = [_window_rows(q, k, v, gamma, geom, a, min(a + rows, n)) for a in range(0, n, rows)]
+    run = _window_rows
+    if torch.is_grad_enabled():
+        run = partial(checkpoint, _window_rows, use_reentrant=False)
+    parts = [run(q, k, v, gamma, geom, a, min(a + rows, n)) for a in range(0, n, rows)]
     values = torch.cat([p[0] for p in parts])
     mixed = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
     return values, mixed

@@ -42,6 +42,19 @@ Both candidates of the last training stage (`{report.parent.name}/report.json`; 
 """
 
 
+def domain_row(domain: dict | None) -> str:
+    """The elements and cell sizes of the training set, which ``predict`` checks against."""
+    if not domain:
+        return "not recorded (no out-of-domain warnings)"
+    low, high = domain["n_atoms"]
+    if low == high:
+        sizes, outside = f"{low}-atom cells only", "another element or another cell size"
+    else:  # sizes are not checked: predictions do not depend on the cell chosen
+        sizes, outside = f"{low} to {high} atoms per cell", "another element"
+    return (f"{len(domain['elements'])} elements ({' '.join(domain['elements'])}); {sizes}. A structure with "
+            f"{outside} gets an `OutOfDomainWarning`, and `crystalformer predict` leaves it empty")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
@@ -83,6 +96,7 @@ def main() -> None:
 | epochs | {notes['epochs']} |
 | wall time, hardware | {meta['wall_time_s']:.0f} s of training to the selected epoch; {notes['hardware']} |
 | checkpoint | {notes['checkpoint']} |
+| training domain | {domain_row(meta.get('domain'))} |
 
 ## Command
 

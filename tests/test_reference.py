@@ -156,3 +156,37 @@ def test_large_windows_make_bases_per_chunk(rng, monkeypatch):
     lazy = outputs_and_grad()
     torch.testing.assert_close(lazy[0], whole[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lazy[1], whole[1], rtol=1e-12, atol=1e-14)
+
+
+def test_checkpointed_chunks_give_the_same_force_training_gradients(rng, monkeypatch):
+    """Chunks are recomputed in backward (activation checkpointing): the energy, the forces and
+    the parameter gradients of a force loss (a double backward) must not change."""
+    from torch.utils.checkpoint import checkpoint
+
+    import ase_crystalformer.attention as attention_module
+    import ase_crystalformer.model as model_module
+
+    model = _model()
+    batch = collate([build_window(random_crystal(rng, 4), model.config.cutoff)], torch.float64)
+
+    def energy_forces_and_parameter_grads():
+        pos = batch.positions.clone().requires_grad_(True)
+        energy = model(replace(batch, positions=pos)).sum()
+        (forces,) = torch.autograd.grad(-energy, pos, create_graph=True)
+        loss = energy + (forces**2).sum()
+        return [energy, forces, *torch.autograd.grad(loss, list(model.parameters()))]
+
+    whole = energy_forces_and_parameter_grads()
+    monkeypatch.setattr(attention_module, "MAX_SLOTS", 2 * batch.neighbor.shape[1])  # two atoms a chunk
+    monkeypatch.setattr(model_module, "MAX_SLOTS", 8)  # and bases made per chunk
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "checkpoint", counted)
+    chunked = energy_forces_and_parameter_grads()
+    assert len(calls) == 2 * len(model.blocks)  # 4 atoms in two chunks, in every block
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
