@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (3; quick 2)")
     parser.add_argument("--dense-max-atoms", type=int, default=None, help="125 (quick 64)")
     parser.add_argument("--forces-max-atoms", type=int, default=1000,
-                        help="skip energy + forces above this (its memory grows ~2.7 MiB/atom)")
+                        help="skip energy + forces above this (~2.7 MiB/atom up to 2^20 window slots, then bounded)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--worker", dest="path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
