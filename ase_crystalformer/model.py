@@ -153,7 +153,8 @@ class Crystalformer(nn.Module):
 
         Returns shape (n,) for a single-target model, else (n, T), in the targets' units.
         All structures are checked before any is predicted, so a bad one fails fast; those
-        unlike the training set raise ``domain.OutOfDomainWarning``. ``primitive=True`` predicts on each structure's primitive cell: the same answer
+        unlike the training set (``metadata["domain"]``) get a ``domain.OutOfDomainWarning``.
+        ``primitive=True`` predicts on each structure's primitive cell: the same answer
         (the model is invariant to the cell) for less work when given supercells.
         """
         if batch_size < 1:
@@ -163,8 +164,8 @@ class Crystalformer(nn.Module):
             check_all(atoms_list)
             atoms_list = [primitive_cell(a) for a in atoms_list]
         windows = windows_for(atoms_list, self.config.cutoff)
-        domain = self.metadata.get("domain")
-        warn_outside(self.metadata.get("name", "model"), domain, enumerate(a.numbers for a in atoms_list), len(atoms_list))
+        name, domain = self.metadata.get("name", "model"), self.metadata.get("domain")
+        warn_outside(name, domain, enumerate(a.numbers for a in atoms_list), len(atoms_list))
         was_training = self.training
         self.eval()
         chunks = []
