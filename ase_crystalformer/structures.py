@@ -18,6 +18,8 @@ from .errors import StructureError
 #: Atoms closer than this (Å), counting periodic images, are refused as overlapping.
 MIN_DISTANCE = 0.1
 
+DISORDERED = "disordered structures (partial occupancies) are not supported; order them first"
+
 
 def to_atoms(structure: Any) -> Atoms:
     """Return ``structure`` as ``ase.Atoms``; pymatgen Structures are converted.
@@ -29,8 +31,7 @@ def to_atoms(structure: Any) -> Atoms:
     if hasattr(structure, "lattice") and hasattr(structure, "sites"):
         if not getattr(structure, "is_ordered", True):
             raise StructureError(
-                f"{structure.composition.reduced_formula}: disordered structures "
-                "(partial occupancies) are not supported; order them first"
+                f"{structure.composition.reduced_formula}: {DISORDERED}"
             )
         from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -53,12 +54,17 @@ def describe(atoms: Atoms, index: int | None = None) -> str:
 def check_atoms(atoms: Atoms, label: str) -> None:
     """Raise ``StructureError`` if the model cannot take ``atoms``.
 
-    Checks that do not need the neighbour list: atoms present, known elements, finite
-    coordinates, at least one periodic axis and a non-singular periodic cell. Overlapping
-    atoms are found while building the window (``geometry.build_window``).
+    Checks that do not need the neighbour list: atoms present, full occupancies, known
+    elements, finite coordinates, at least one periodic axis and a non-singular periodic
+    cell. Overlapping atoms are found while building the window (``geometry.build_window``).
     """
     if len(atoms) == 0:
         raise StructureError(f"{label}: empty structure (no atoms)")
+    # ase.io.read keeps one species per site of a disordered CIF and records the
+    # fractions here; predicting on that guess would be a wrong number, not an error.
+    occupancy = atoms.info.get("occupancy") or {}
+    if any(fraction < 1 - 1e-6 for site in occupancy.values() for fraction in site.values()):
+        raise StructureError(f"{label}: {DISORDERED}")
     numbers = atoms.numbers
     bad = numbers[(numbers < 1) | (numbers > MAX_ATOMIC_NUMBER)]
     if bad.size:

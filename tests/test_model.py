@@ -125,6 +125,43 @@ def test_bad_structures_are_refused_with_a_named_error(atoms, message):
     assert isinstance(info.value, ValueError)
 
 
+DISORDERED_CIF = """data_x
+_cell_length_a 4.0
+_cell_length_b 4.0
+_cell_length_c 4.0
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+Li1 Li 0 0 0 0.5
+Na1 Na 0 0 0 0.5
+Cl1 Cl 0.5 0.5 0.5 1.0
+"""
+
+
+def test_disordered_structures_are_refused_from_ase_and_pymatgen():
+    import io
+
+    from ase.io import read
+    from pymatgen.core import Lattice, Structure
+
+    model = Crystalformer(ModelConfig(n_blocks=1))
+    from_cif = read(io.StringIO(DISORDERED_CIF), format="cif")  # ASE keeps one species per site
+    assert len(from_cif) == 2
+    with pytest.raises(StructureError, match="structure 1 .*partial occupancies"):
+        model.predict([bulk("Si"), from_cif])
+    alloy = Structure(Lattice.cubic(4.0), [{"Li": 0.5, "Na": 0.5}, "Cl"], [[0, 0, 0], [0.5] * 3])
+    with pytest.raises(StructureError, match="partial occupancies"):
+        model.predict(alloy)
+
+
 def test_invalid_configs_are_refused():
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(d_model=100, n_heads=8)
