@@ -5,7 +5,6 @@ Importing this module does nothing but define the class; models load when it is 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from ase.calculators.calculator import (
     all_changes,
 )
 
-from .checkpoint import list_models, model_path
+from .checkpoint import energy_models
 from .domain import warn_outside
 from .errors import StructureError
 from .forces import energy_forces_stress
@@ -161,6 +160,13 @@ class CrystalformerCalculator(Calculator):
                 f"{sorted(fixed)} cannot be changed on an existing CrystalformerCalculator; "
                 "build a new one"
             )
+        unknown = set(kwargs) - set(self.default_parameters)
+        if unknown:  # ASE would store a typo silently and keep the old value
+            raise CalculatorSetupError(
+                f"unknown parameter(s) {sorted(unknown)}; set() takes {sorted(self.default_parameters)}"
+            )
+        if "batch_size" in kwargs and not int(kwargs["batch_size"]) >= 1:
+            raise ValueError(f"batch_size must be >= 1, got {kwargs['batch_size']}")
         return super().set(**kwargs)
 
     def get_property(
@@ -244,7 +250,7 @@ class CrystalformerCalculator(Calculator):
         properties = list(properties)
         self._check_names(properties)
         self._check_request(properties, atoms_list)
-        size = int(batch_size or self.parameters["batch_size"])
+        size = int(self.parameters["batch_size"] if batch_size is None else batch_size)
         if size < 1:
             raise ValueError(f"batch_size must be >= 1, got {size}")
         want_grad = bool({"forces", "stress"} & set(properties))
@@ -288,7 +294,7 @@ class CrystalformerCalculator(Calculator):
         loaded = ", ".join(
             f"{label} ({', '.join(model.config.target_names)})" for label, model in self.models
         )
-        providers = _shipped_energy_models()
+        providers = energy_models()
         hint = (
             f"shipped models with an energy target: {providers}"
             if providers
@@ -393,20 +399,3 @@ def _head_input(model: Crystalformer) -> Iterator[list[torch.Tensor]]:
         yield seen
     finally:
         handle.remove()
-
-
-def _shipped_energy_models() -> list[str]:
-    """Names of shipped models with an energy target, read from checkpoint headers only."""
-    from safetensors import SafetensorError, safe_open
-
-    found = []
-    for name in list_models():
-        try:
-            with safe_open(str(model_path(name)), framework="pt") as handle:
-                config = json.loads((handle.metadata() or {}).get("config", "{}"))
-        except (SafetensorError, OSError, ValueError) as err:  # reported when it is loaded
-            logger.debug("skipping unreadable checkpoint %s: %s", name, err)
-            continue
-        if any(t.get("kind") == "energy" for t in config.get("targets", [])):
-            found.append(name)
-    return found

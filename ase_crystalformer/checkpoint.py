@@ -112,6 +112,21 @@ def list_models() -> list[str]:
     return names
 
 
+def energy_models() -> list[str]:
+    """Names of the findable models with an energy-type target (read from headers only):
+    the ones that give energy, forces and stress."""
+    found = []
+    for name in list_models():
+        try:
+            with safe_open(str(model_path(name)), framework="pt") as handle:
+                config = json.loads((handle.metadata() or {}).get("config", "{}"))
+        except (SafetensorError, OSError, ValueError):  # reported when it is loaded
+            continue
+        if any(t.get("kind") == "energy" for t in config.get("targets", [])):
+            found.append(name)
+    return found
+
+
 def model_path(name_or_path: str | Path) -> Path:
     """Resolve a model name or a file/directory path to a checkpoint file."""
     path = Path(name_or_path)
@@ -121,6 +136,10 @@ def model_path(name_or_path: str | Path) -> Path:
         candidate = directory / str(name_or_path) / WEIGHTS_NAME
         if candidate.is_file():
             return candidate
+    if path.is_dir():  # e.g. a training run folder: best, swa and latest.safetensors
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f"pass one of its files: {found}" if found else "it holds no .safetensors file"
+        raise CheckpointError(f"{path}: a folder without {WEIGHTS_NAME}; {hint}")
     raise CheckpointError(
         f"no model named or at {str(name_or_path)!r}; shipped models: {list_models() or 'none'}"
     )

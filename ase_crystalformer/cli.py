@@ -18,6 +18,22 @@ def main() -> None:
     """Crystalformer crystal property models (Taniai et al., ICLR 2024)."""
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Resolve ``auto`` and refuse a device this machine lacks before any work starts."""
+    from .inference import resolve_device
+
+    try:
+        return str(resolve_device(value))
+    except (ValueError, RuntimeError) as err:  # torch.device raises RuntimeError on a bad string
+        raise click.BadParameter(str(err)) from err
+
+
+def device_option(func):
+    """The ``--device`` option every command shares."""
+    return click.option("--device", default="auto", show_default=True, callback=_check_device,
+                        help="torch device: cpu, cuda, cuda:1, ... or auto (CUDA when present).")(func)
+
+
 def _read_structures(files: tuple[str, ...]) -> tuple[list[str], list]:
     """Every frame of every file that ``ase.io.read`` understands, with a label each."""
     from ase.io import read
@@ -41,7 +57,7 @@ def _read_structures(files: tuple[str, ...]) -> tuple[list[str], list]:
 @click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); default: every shipped model.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@device_option
 @click.option("--primitive", is_flag=True, help="Predict on primitive cells (same answer, faster for supercells).")
 @click.option("--extrapolate", is_flag=True, help="Also print predictions for structures outside a model's training domain (left empty by default).")
 def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batch_size: int, device: str, primitive: bool, extrapolate: bool) -> None:
@@ -52,34 +68,37 @@ def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batc
     """
     import numpy as np
     import pandas as pd
+    import torch
 
-    from .checkpoint import list_models, load_model
     from .domain import OutOfDomainWarning
     from .errors import CrystalformerError
+    from .geometry import build_window
+    from .inference import load_models, target_properties
 
-    names = list(model_names) or list_models()
-    if not names:
-        raise click.ClickException("no model given and no shipped model found")
     labels, frames = _read_structures(files)
     table = pd.DataFrame({"structure": labels, "formula": [a.get_chemical_formula() for a in frames]})
     try:
-        for name in names:
-            model = load_model(name, device=device)
+        models = load_models(list(model_names) or None, torch.device(device), torch.float32)
+        properties = target_properties(models)  # the calculator's and featurizer's names
+        for label, atoms in zip(labels, frames):  # model.predict could only number a bad one
+            build_window(atoms, max(model.config.cutoff for _, model in models), f"{label} ({atoms.get_chemical_formula()})")
+        for m, (_, model) in enumerate(models):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 values = model.predict(frames, batch_size=batch_size, primitive=primitive).reshape(len(frames), -1)
             for w in caught:
                 if isinstance(w.message, OutOfDomainWarning):
-                    left = "" if extrapolate else " Left empty; --extrapolate prints them."
-                    click.echo(f"note: {w.message}.{left}", err=True)
+                    left = "printed anyway (--extrapolate)" if extrapolate else "left empty; --extrapolate prints them"
+                    click.echo(f"note: {w.message.model}: {len(w.message.problems)} of {len(frames)} structure(s) "
+                               f"lie outside its training domain, {left}:", err=True)
+                    for i, reason in w.message.problems.items():
+                        click.echo(f"  {labels[i]} ({frames[i].get_chemical_formula()}): {reason}", err=True)
                     if not extrapolate:
                         values[list(w.message.problems)] = np.nan
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-            for t, spec in enumerate(model.config.targets):
-                unit = f" ({spec.unit})" if spec.unit else ""
-                column = f"{spec.name}{unit}" if len(names) == 1 else f"{Path(str(name)).name}:{spec.name}{unit}"
-                table[column] = values[:, t]
+            for prop in (p for p in properties if p.model == m):
+                table[f"{prop.name} ({prop.unit})" if prop.unit else prop.name] = values[:, prop.column]
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
     if fmt == "csv":
@@ -201,7 +220,7 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
                        freeze_encoder=freeze_encoder, resume=opts["resume"], device=device,
                        command=" ".join(["crystalformer", *sys.argv[1:]]), progress=opts["progress"], on_epoch=echo,
                        num_workers=opts["workers"])
-        report["metrics"] = _final_report(out, dataset, opts["batch_size"], "cuda" if device == "cuda" else "cpu")
+        report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -223,7 +242,7 @@ def training_options(func):
         click.option("--lr", default=5e-4, show_default=True, type=float),
         click.option("--swa-epochs", default=50, show_default=True, type=click.IntRange(min=0)),
         click.option("--seed", default=123, show_default=True, type=int),
-        click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto."),
+        device_option,
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch."),
         click.option("--weight-decay", default=1e-5, show_default=True, help="AdamW weight decay (not on biases)."),
         click.option("--lr-decay-steps", default=4000, show_default=True, type=click.IntRange(min=1), help="T of lr·sqrt(T/(T+t))."),
@@ -268,7 +287,7 @@ def finetune(init_from: str, freeze_encoder: bool, **opts) -> None:
 @click.option("--split", "which", type=click.Choice(["train", "val", "test", "all"]), help="Default: test when the source defines splits, else all.")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Write predictions.csv and parity.png here.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 def evaluate(model_name, source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir,
              which, out_dir, batch_size, device):
     """MAE, RMSE and R² of a model on a dataset split, a per-structure CSV and a parity plot."""
@@ -381,7 +400,7 @@ def _featurize_write(table, path: Path) -> None:
 @click.option("--model", "model_name", help="Model name or checkpoint path; default: the first shipped model.")
 @click.option("--mode", type=click.Choice(["embedding", "predictions", "both"]), default="embedding", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, help="torch device, e.g. cpu or cuda; auto picks CUDA when present.")
+@device_option
 @click.option("--ignore-errors", is_flag=True, help="Give failing rows NaN features and an error column instead of stopping.")
 @click.option("--keep-structure", is_flag=True, help="Keep the structure column in the output.")
 def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, batch_size: int,
@@ -438,18 +457,19 @@ def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, 
 
 @main.command()
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); needs an energy-type target. Default: the shipped models.")
+@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); needs an energy-type target. Default: the shipped energy-type models.")
 @click.option("--supercell", nargs=3, type=click.IntRange(min=1), default=(2, 2, 2), show_default=True)
 @click.option("--displacement", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Atomic displacement in Å.")
 @click.option("--mesh", nargs=3, type=click.IntRange(min=1), default=(20, 20, 20), show_default=True, help="q-point mesh for DOS and thermal properties.")
 @click.option("--out", "out_dir", default="phonons", show_default=True, type=click.Path(file_okay=False), help="Folder for phonopy_params.yaml, band_dos.png and thermal.csv.")
-@click.option("--device", default="auto", show_default=True, help="torch device, e.g. cpu or cuda.")
+@device_option
 def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, int, int], displacement: float,
             mesh: tuple[int, int, int], out_dir: str, device: str) -> None:
     """Harmonic phonons of STRUCTURE (CIF, POSCAR, extxyz, ...): bands, DOS, thermal properties."""
     from ase.calculators.calculator import PropertyNotImplementedError
     from ase.io import read
 
+    from .checkpoint import energy_models
     from .errors import CrystalformerError
 
     try:
@@ -462,7 +482,10 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
     except Exception as err:  # ase raises many types for unreadable files
         raise click.ClickException(f"{structure}: cannot read a structure ({err})") from err
     try:
-        calc = CrystalformerCalculator(list(model_names) or None, device=device, dtype="float64")
+        names = list(model_names) or energy_models()
+        if not names:
+            raise click.ClickException("no shipped model has an energy-type target; pass --model")
+        calc = CrystalformerCalculator(names, device=device, dtype="float64")
         result = run_phonons(atoms, calc, supercell=supercell, displacement=displacement, mesh=mesh, out_dir=out_dir)
     except (CrystalformerError, PropertyNotImplementedError, ValueError) as err:
         raise click.ClickException(str(err)) from err

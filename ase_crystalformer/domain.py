@@ -33,13 +33,16 @@ LISTED = 5
 class OutOfDomainWarning(UserWarning):
     """Predictions for structures unlike any in the model's training set.
 
-    ``problems`` maps the index of each such structure (in the list predicted) to the reason.
+    ``problems`` maps the index of each such structure (in the list predicted) to the reason,
+    ``labels`` the same index to a name for it ("structure 3 (NaCl)"); callers that know
+    better names (the CLI: file names) use their own.
     """
 
-    def __init__(self, model: str, problems: dict[int, str], n_structures: int) -> None:
+    def __init__(self, model: str, problems: dict[int, str], labels: dict[int, str], n_structures: int) -> None:
         self.model = model
         self.problems = problems
-        shown = " | ".join(list(problems.values())[:LISTED])
+        self.labels = labels
+        shown = " | ".join(f"{labels[i]}: {problems[i]}" for i in list(problems)[:LISTED])
         more = f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else ""
         super().__init__(
             f"{model}: {len(problems)} of {n_structures} structure(s) lie outside its training "
@@ -80,7 +83,7 @@ def domain_problems(domain: dict[str, Any] | None, structures: Iterable[tuple[in
             hint = " (primitive=True or --primitive reduces a supercell)" if len(numbers) > low else ""
             reasons.append(f"trained on {low}-atom cells only, this one has {len(numbers)}{hint}")
         if reasons:
-            problems[index] = f"{describe(Atoms(numbers=numbers), index)}: {'; '.join(reasons)}"
+            problems[index] = "; ".join(reasons)
     return problems
 
 
@@ -89,6 +92,8 @@ def warn_outside(
 ) -> None:
     """Warn with ``OutOfDomainWarning`` if any of ``structures`` (index, atomic numbers) of
     the ``n_structures`` predicted lies outside ``domain``."""
-    problems = domain_problems(domain, structures)
+    structures = dict(structures)
+    problems = domain_problems(domain, structures.items())
     if problems:
-        warnings.warn(OutOfDomainWarning(model, problems, n_structures), stacklevel=3)
+        labels = {i: describe(Atoms(numbers=structures[i]), i) for i in problems}
+        warnings.warn(OutOfDomainWarning(model, problems, labels, n_structures), stacklevel=3)

@@ -218,6 +218,12 @@ def test_setup_errors(energy_calc) -> None:
         CrystalformerCalculator(tiny_model(), dtype="float16")
     with pytest.raises(CalculatorSetupError, match="device"):
         energy_calc.set(device="cuda")
+    with pytest.raises(CalculatorSetupError, match=r"unknown parameter\(s\) \['batchsize'\]"):
+        energy_calc.set(batchsize=8)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        energy_calc.set(batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        energy_calc.predict([random_triclinic(0)], batch_size=0)
     energy_calc.set(batch_size=8)
     assert energy_calc.parameters["batch_size"] == 8
 

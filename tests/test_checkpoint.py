@@ -51,6 +51,15 @@ def test_load_by_name_and_list_models(tmp_path, monkeypatch):
         load_model("nope")
 
 
+def test_a_run_folder_without_model_file_names_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(_trained_like(), run / "best.safetensors")
+    save_checkpoint(_trained_like(), run / "swa.safetensors")
+    with pytest.raises(CheckpointError, match=r"folder without model.safetensors.*\['best.safetensors', 'swa.safetensors'\]"):
+        load_model(run)
+    assert load_model(run / "swa.safetensors").config == CONFIG
+
+
 def test_device_argument(tmp_path):
     path = save_checkpoint(_trained_like(), tmp_path / "m.safetensors")
     assert load_model(path, device="cpu").device.type == "cpu"

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from ase.build import bulk
 from ase.io import write
 from click.testing import CliRunner
@@ -51,12 +52,32 @@ def test_predict_csv_and_table(tmp_path, model_path):
 def test_predict_reports_bad_structures_and_files(tmp_path, model_path):
     from ase import Atoms
 
-    write(tmp_path / "bad.extxyz", Atoms("H2", positions=[[0, 0, 0], [0.01, 0, 0]], cell=[3, 3, 3], pbc=True))
-    result = CliRunner().invoke(main, ["predict", str(tmp_path / "bad.extxyz"), "--model", str(model_path)])
-    assert result.exit_code != 0 and "overlapping" in result.output
+    write(tmp_path / "si.cif", bulk("Si"))
+    write(tmp_path / "bad.extxyz", [bulk("Cu"), Atoms("H2", positions=[[0, 0, 0], [0.01, 0, 0]], cell=[3, 3, 3], pbc=True)])
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "si.cif"), str(tmp_path / "bad.extxyz"), "--model", str(model_path)])
+    assert result.exit_code != 0
+    assert f"{tmp_path / 'bad.extxyz'}@1 (H2): atom 0 is 0.01 Å from atom 1 (overlapping" in result.output
     (tmp_path / "junk.cif").write_text("not a cif")
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "junk.cif"), "--model", str(model_path)])
     assert result.exit_code != 0 and "junk.cif" in result.output
-    write(tmp_path / "si.cif", bulk("Si"))
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "si.cif"), "--model", "no-such-model"])
     assert result.exit_code != 0 and "no-such-model" in result.output
+    for device, message in [("gpu0", "Invalid value for '--device'"), ("cuda", "CUDA is not available")]:
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        result = CliRunner().invoke(main, ["predict", str(tmp_path / "si.cif"), "--model", str(model_path), "--device", device])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_predict_keeps_two_models_with_the_same_file_name_apart(tmp_path, model_path):
+    config = ModelConfig(n_blocks=1, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32, targets=(TargetSpec("band_gap", "eV"),))
+    torch.manual_seed(1)
+    other = save_checkpoint(Crystalformer(config), tmp_path / "other" / "gap.safetensors")
+    write(tmp_path / "si.cif", bulk("Si"))
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "si.cif"), "--model", str(model_path), "--model", str(other), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    from ase_crystalformer.checkpoint import load_model
+
+    assert row["band_gap (eV)"] == pytest.approx(float(load_model(model_path).predict(bulk("Si"))[0]), rel=1e-6)
+    assert row["band_gap_gap (eV)"] == pytest.approx(float(load_model(other).predict(bulk("Si"))[0]), rel=1e-6)
