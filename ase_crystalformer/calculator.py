@@ -263,10 +263,12 @@ class CrystalformerCalculator(Calculator):
                 self._store_info(atoms, r)
         if output == "list":
             return results
+        # Shapes of one structure's value, so that no structures still stack to (0, ...).
+        shapes = {"stress": (6,), "embedding": (self.models[0][1].config.d_model,)}
         stacked: dict[str, Any] = {}
         for p in properties:
             values = [r[p] for r in results]
-            stacked[p] = values if p == "forces" else np.asarray(values)
+            stacked[p] = values if p == "forces" else np.asarray(values).reshape(-1, *shapes.get(p, ()))
         return stacked
 
     # ----------------------------------------------------------------------------- helpers

@@ -142,6 +142,11 @@ def test_batch_predict_equals_single_calls() -> None:
     stacked = calc.predict(frames, properties=["band_gap", "forces", "embedding"], output="dict")
     assert stacked["band_gap"].shape == (4,) and stacked["embedding"].shape == (4, 32)
     assert [f.shape for f in stacked["forces"]] == [(3, 3), (2, 3), (5, 3), (1, 3)]
+    full = calc.predict(frames, output="dict")
+    empty = calc.predict([], output="dict")
+    assert empty.keys() == full.keys() and empty["forces"] == []
+    for name in full.keys() - {"forces"}:
+        assert empty[name].shape == (0, *full[name].shape[1:]), name
 
 
 def test_missing_energy_model_says_which_models_provide_it() -> None:
