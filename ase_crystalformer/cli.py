@@ -324,19 +324,24 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
 
 @main.command()
 def models() -> None:
-    """List the shipped models with target, units and test MAE."""
+    """List the shipped models: property (as predict names it), unit, training target, test MAE."""
     from .checkpoint import list_models, load_model
+    from .inference import property_name
 
     names = list_models()
     if not names:
         click.echo("no shipped models found")
+        return
+    click.echo(f"{'model':<20} {'property':<26} {'unit':<10} {'trained on':<12} test MAE")
     for name in names:
         model = load_model(name)
         test = model.metadata.get("test_mae", {})
         for spec in model.config.targets:
+            prop, unit = property_name(spec)
             mae = test.get(spec.name)
-            unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
-            click.echo(f"{name:<20} {spec.name:<26} {spec.unit:<10} test MAE {mae if mae is not None else 'n/a'} {unit if mae is not None else ''}")
+            mae_unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
+            shown = f"{mae} {mae_unit}" if mae is not None else "n/a"
+            click.echo(f"{name:<20} {prop:<26} {unit:<10} {spec.name:<12} {shown}")
 
 
 # ---------------------------------------------------------------- featurize and phonons

@@ -148,5 +148,6 @@ def test_cli_models_lists_targets_units_and_test_mae(tmp_path, monkeypatch):
     monkeypatch.setenv(MODELS_ENV, str(tmp_path))
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0
+    assert result.output.splitlines()[0].split() == ["model", "property", "unit", "trained", "on", "test", "MAE"]
     line = next(l for l in result.output.splitlines() if l.startswith("gap-model"))
-    assert "band_gap" in line and "eV" in line and "test MAE 0.25" in line
+    assert line.split() == ["gap-model", "band_gap", "eV", "band_gap", "0.25", "eV"]
