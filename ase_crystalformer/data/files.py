@@ -20,8 +20,7 @@ import pandas as pd
 from ..errors import DataError
 from .jarvis import is_jarvis, load_jarvis
 from .parse import (
-    atoms_from_pmg_dict,
-    atoms_from_text,
+    atoms_from_cell,
     clean_atoms,
     first_present,
     read_json,
@@ -129,7 +128,8 @@ def csv_entries(
             else normalise_split_name(label, f"{path} row {row}")
         )
         targets = {t: float(v[row]) for t, v in values.items()}
-        entries.append(Entry(rid, targets, partial(atoms_from_text, text), split))
+        where = f"row {row}, column {column!r}"
+        entries.append(Entry(rid, targets, partial(atoms_from_cell, text, where), split))
     return entries, list(target_columns)
 
 
@@ -238,12 +238,6 @@ def load_ase_db(path: Path, *, id_column: str | None = None) -> Source:
 # -- pymatgen JSON ------------------------------------------------------------------------
 
 
-def _parse_structure(value: Any) -> Any:
-    if isinstance(value, dict):
-        return atoms_from_pmg_dict(value)
-    return atoms_from_text(value)
-
-
 def load_pymatgen_json(
     path: Path, data: Any, *, structure_column: str | None = None, id_column: str | None = None
 ) -> Source:
@@ -277,7 +271,7 @@ def load_pymatgen_json(
             Entry(
                 id=_id(row.get(id_key) if id_key else None, path, index),
                 targets=targets,
-                parse=partial(_parse_structure, structure),
+                parse=partial(atoms_from_cell, structure, f"entry {index}"),
                 split=normalise_split_name(label, f"{path} entry {index}")
                 if isinstance(label, str)
                 else None,
