@@ -614,8 +614,44 @@ def test_unknown_target_names_it_and_lists_the_available_ones(tmp_path):
         load_dataset("mp-megnet", ["gap"], data_dir=FIXTURES)
     path = tmp_path / "mine.csv"
     user_frame(crystals()).to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"\['note'\].*band_gap"):
-        load_dataset(path, ["note"])
+    with pytest.raises(DataError, match=r"\['nope'\]; available: \['band_gap', 'e_form'\]"):
+        load_dataset(path, ["nope"])
+
+
+def test_a_non_numeric_or_empty_target_column_says_what_is_wrong(tmp_path):
+    frame = user_frame(crystals())
+    frame["note"] = ["a", "b", "c"]
+    frame["mixed"] = ["1.0", "2.0", "abc"]
+    frame["blank"] = np.nan
+    path = tmp_path / "mine.csv"
+    frame.to_csv(path, index=False)
+    available = "available: ['band_gap', 'e_form']"
+    cases = {
+        "note": "column 'note' has no numeric values (first bad value 'a' in row 0)",
+        "mixed": "column 'mixed' has non-numeric values (first bad value 'abc' in row 2; 1 of 3 rows)",
+        "blank": "column 'blank' is empty",
+    }
+    for column, problem in cases.items():
+        with pytest.raises(DataError) as info:
+            load_dataset(path, [column])
+        assert str(info.value) == f"mine.csv: {problem}; {available}"
+    assert load_dataset(path).targets == ["band_gap", "e_form"]  # an empty column is no target
+    # Only the structure column and an empty one: nothing numeric at all.
+    only = tmp_path / "only.csv"
+    frame[["cif", "blank"]].to_csv(only, index=False)
+    with pytest.raises(DataError, match=r"^only.csv: column 'blank' is empty; available: none$"):
+        load_dataset(only, "blank")
+    # JSON keys, and a numeric key that is NaN everywhere.
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    rows = [{"structure": AseAtomsAdaptor.get_structure(a).as_dict(), "label": "metal", "gap": float("nan")}
+            for a in crystals()]
+    as_json = tmp_path / "mine.json"
+    as_json.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"key 'label' has no numeric values \(first bad value 'metal' in entry 0\)"):
+        load_dataset(as_json, "label")
+    with pytest.raises(DataError, match=r"target\(s\) \['gap'\] have no finite value in any of the 3 entries"):
+        load_dataset(as_json, "gap")
 
 
 def test_primitive_cells_replace_conventional_ones(tmp_path):

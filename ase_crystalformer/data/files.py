@@ -110,6 +110,7 @@ def csv_entries(
             and not c.startswith("Unnamed:")
             and pd.api.types.is_numeric_dtype(frame[c])
             and not pd.api.types.is_bool_dtype(frame[c])
+            and frame[c].notna().any()
         ]
     values = {t: pd.to_numeric(frame[t], errors="coerce").to_numpy(float) for t in target_columns}
     texts = frame[column].tolist()
@@ -137,10 +138,16 @@ def load_csv(
     path: Path, *, structure_column: str | None = None, id_column: str | None = None
 ) -> Source:
     """A CSV with a CIF/POSCAR/pymatgen-dict structure column and numeric target columns."""
+    frame = read_csv_frame(path)
     entries, targets = csv_entries(
-        read_csv_frame(path), path, structure_column=structure_column, id_column=id_column
+        frame, path, structure_column=structure_column, id_column=id_column
     )
-    return _source(path, "csv", entries, targets)
+    unusable = {
+        str(c): value_problem(f"column {str(c)!r}", frame[c].tolist(), "row")
+        for c in frame.columns
+        if str(c) not in targets
+    }
+    return _source(path, "csv", entries, targets, unusable)
 
 
 # -- extxyz and ASE db --------------------------------------------------------------------
@@ -202,7 +209,7 @@ def load_extxyz(path: Path, *, id_column: str | None = None) -> Source:
                 stress=None if stress is None else voigt_stress(stress),
             )
         )
-    return _source(path, "extxyz", entries)
+    return _source(path, "extxyz", entries, None, _key_problems([f.info for f in frames], _targets(entries), "frame"))
 
 
 def load_ase_db(path: Path, *, id_column: str | None = None) -> Source:
@@ -232,7 +239,8 @@ def load_ase_db(path: Path, *, id_column: str | None = None) -> Source:
                 stress=None if stress is None else voigt_stress(stress),
             )
         )
-    return _source(path, "ase db", entries)
+    pairs = [r.key_value_pairs for r in rows]
+    return _source(path, "ase db", entries, None, _key_problems(pairs, _targets(entries), "row"))
 
 
 # -- pymatgen JSON ------------------------------------------------------------------------
@@ -277,7 +285,7 @@ def load_pymatgen_json(
                 else None,
             )
         )
-    return _source(path, "pymatgen json", entries)
+    return _source(path, "pymatgen json", entries, None, _key_problems(rows, _targets(entries), "entry"))
 
 
 # -- shared -------------------------------------------------------------------------------
@@ -289,12 +297,58 @@ def _id(value: Any, path: Path, index: int) -> str:
     return str(value)
 
 
+def value_problem(label: str, values: Sequence[Any], row_word: str) -> str:
+    """Why the values of a column (or key) ``label`` cannot be a target, for the error a
+    user gets on asking for it: empty, or the first value that is not a number."""
+    missing = [v is None or (isinstance(v, str) and not v.strip()) or _is_nan(v) for v in values]
+    if all(missing):
+        return f"{label} is empty"
+    bad = [(i, v) for i, (v, m) in enumerate(zip(values, missing, strict=True)) if not m and not _numeric(v)]
+    if not bad:
+        return f"{label} is not a numeric column"
+    shown = repr(bad[0][1])
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    first = f"first bad value {shown} in {row_word} {bad[0][0]}"
+    if len(bad) == sum(not m for m in missing):
+        return f"{label} has no numeric values ({first})"
+    return f"{label} has non-numeric values ({first}; {len(bad)} of {len(values)} {row_word}s)"
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _key_problems(rows: Sequence[dict[str, Any]], targets: Sequence[str], row_word: str) -> dict[str, str]:
+    """``value_problem`` for every key of ``rows`` that is not a target."""
+    keys = dict.fromkeys(str(k) for r in rows for k in r if str(k) not in targets)
+    return {k: value_problem(f"key {k!r}", [r.get(k) for r in rows], row_word) for k in keys}
+
+
+def _targets(entries: Sequence[Entry]) -> list[str]:
+    """The union of the entries' target keys, in first-seen order."""
+    return list(dict.fromkeys(k for e in entries for k in e.targets))
+
+
 def _source(
-    path: Path, fmt: str, entries: list[Entry], targets: Sequence[str] | None = None
+    path: Path,
+    fmt: str,
+    entries: list[Entry],
+    targets: Sequence[str] | None = None,
+    unusable: dict[str, str] | None = None,
 ) -> Source:
     """Wrap entries; targets default to the union of the entries' keys, in first-seen order."""
     if targets is None:
-        targets = list(dict.fromkeys(k for e in entries for k in e.targets))
+        targets = _targets(entries)
     ids = [e.id for e in entries]
     duplicates = len(ids) - len(set(ids))
     if duplicates:
@@ -311,4 +365,5 @@ def _source(
         units=units,
         native_split="labels" if labelled else None,
         provenance={"files": [str(path)], "format": fmt, "duplicate_ids": duplicates},
+        unusable=unusable or {},
     )
