@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -225,7 +226,8 @@ class Trainer:
         if "log" in state:
             self.history = json.loads(state["log"])
         else:  # a state written before the log moved into it: the log's first lines
-            lines = (self.out_dir / LOG_NAME).read_text().splitlines()[: self.epoch]
+            log_path = self.out_dir / LOG_NAME
+            lines = log_path.read_text().splitlines()[: self.epoch] if log_path.is_file() else []
             self.history = [json.loads(line) for line in lines]
 
     def resume(self, path: Path) -> None:
@@ -236,9 +238,12 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
             saved = TrainConfig.from_dict(json.loads(state["train_config"]))
         except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+            # torch's own text for a refused pickle suggests weights_only=False: never do that.
+            detail = "damaged, or not written by ase-crystalformer" if isinstance(
+                err, pickle.UnpicklingError) else (str(err).strip().splitlines() or [""])[0]
             found = sorted(p.name for p in self.out_dir.iterdir())
             raise RunError(
-                f"{path}: cannot read the training state ({type(err).__name__}: {err}); "
+                f"{path}: cannot read the training state ({type(err).__name__}: {detail}); "
                 f"{self.out_dir} holds {found}; start the run again (--overwrite)"
             ) from err
         # Until SWA has begun, a run may be given other epochs/swa_epochs; nothing else may change.

@@ -105,6 +105,9 @@ def test_resume_refuses_a_changed_recipe(dataset, tmp_path):
               model_config=TINY, resume=True, progress=False)
     with pytest.raises(RunError, match=r"empty: nothing to resume: no training state \(state.pt\)"):
         _train(dataset, tmp_path / "empty", resume=True)
+    (tmp_path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(RunError, match=r"state.pt: cannot read the training state \(.*\); .* holds \["):
+        _train(dataset, tmp_path, epochs=2, swa=0, resume=True)
 
 
 @pytest.mark.filterwarnings("ignore::ase_crystalformer.domain.OutOfDomainWarning")  # 24 training structures
