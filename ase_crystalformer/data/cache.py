@@ -71,8 +71,10 @@ def load_cached(path: Path, key: str) -> Dataset | None:
                 )
                 return None
             dataset = _from_arrays(header, {name: arrays[name] for name in arrays.files})
-    except Exception as exc:  # noqa: BLE001 - truncated, garbled or foreign file: rebuild, never fail
-        logger.warning("rebuilding unreadable dataset cache %s (%s: %s)", path, type(exc).__name__, exc)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbled or foreign: rebuild, never fail
+        logger.warning(
+            "rebuilding unreadable dataset cache %s (%s: %s)", path, type(exc).__name__, exc
+        )
         return None
     logger.info("loaded %s from cache %s", dataset.name, path)
     return dataset
@@ -147,7 +149,8 @@ def _from_arrays(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Datas
     for i, (numbers, positions) in enumerate(
         zip(_split(arrays["numbers"], ends), _split(arrays["positions"], ends), strict=True)
     ):
-        atoms = Atoms(numbers=numbers, positions=positions, cell=arrays["cells"][i], pbc=arrays["pbc"][i])
+        cell, pbc = arrays["cells"][i], arrays["pbc"][i]
+        atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
         row = arrays["targets"][i]
         targets = {t: float(v) for t, v in zip(names, row, strict=True) if not np.isnan(v)}
         records.append(Record(str(ids[i]), atoms, targets, forces.get(i), stress.get(i)))

@@ -209,7 +209,8 @@ def load_extxyz(path: Path, *, id_column: str | None = None) -> Source:
                 stress=None if stress is None else voigt_stress(stress),
             )
         )
-    return _source(path, "extxyz", entries, None, _key_problems([f.info for f in frames], _targets(entries), "frame"))
+    problems = _key_problems([f.info for f in frames], _targets(entries), "frame")
+    return _source(path, "extxyz", entries, None, problems)
 
 
 def load_ase_db(path: Path, *, id_column: str | None = None) -> Source:
@@ -285,7 +286,8 @@ def load_pymatgen_json(
                 else None,
             )
         )
-    return _source(path, "pymatgen json", entries, None, _key_problems(rows, _targets(entries), "entry"))
+    problems = _key_problems(rows, _targets(entries), "entry")
+    return _source(path, "pymatgen json", entries, None, problems)
 
 
 # -- shared -------------------------------------------------------------------------------
@@ -303,9 +305,13 @@ def value_problem(label: str, values: Sequence[Any], row_word: str) -> str:
     missing = [v is None or (isinstance(v, str) and not v.strip()) or _is_nan(v) for v in values]
     if all(missing):
         return f"{label} is empty"
-    bad = [(i, v) for i, (v, m) in enumerate(zip(values, missing, strict=True)) if not m and not _numeric(v)]
+    bad = [
+        (i, v)
+        for i, (v, m) in enumerate(zip(values, missing, strict=True))
+        if not m and not _numeric(v)
+    ]
     if not bad:
-        return f"{label} is not a numeric column"
+        return f"{label} is not a target: it holds the ids, the split or true/false values"
     shown = repr(bad[0][1])
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     first = f"first bad value {shown} in {row_word} {bad[0][0]}"
@@ -328,7 +334,9 @@ def _numeric(value: Any) -> bool:
     return True
 
 
-def _key_problems(rows: Sequence[dict[str, Any]], targets: Sequence[str], row_word: str) -> dict[str, str]:
+def _key_problems(
+    rows: Sequence[dict[str, Any]], targets: Sequence[str], row_word: str
+) -> dict[str, str]:
     """``value_problem`` for every key of ``rows`` that is not a target."""
     keys = dict.fromkeys(str(k) for r in rows for k in r if str(k) not in targets)
     return {k: value_problem(f"key {k!r}", [r.get(k) for r in rows], row_word) for k in keys}

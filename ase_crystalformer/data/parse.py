@@ -105,7 +105,9 @@ def atoms_from_pmg_dict(data: dict[str, Any]) -> Atoms:
                 return atoms_from_arrays(numbers, cell, fractional=[s["abc"] for s in sites])
             return atoms_from_arrays(numbers, cell, cartesian=[s["xyz"] for s in sites])
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise StructureError(f"not a pymatgen Structure dict ({type(exc).__name__}: {exc})") from None
+        raise StructureError(
+            f"not a pymatgen Structure dict ({type(exc).__name__}: {exc})"
+        ) from None
     from pymatgen.core import Structure
 
     return atoms_from_structure(Structure.from_dict(data))
@@ -150,7 +152,8 @@ def dict_from_text(text: str) -> Any:
         raise DataError("structure dict nested too deeply to read as a Python literal") from None
     except (SyntaxError, ValueError, TypeError) as exc:
         raise DataError(
-            f"structure text is neither JSON nor a Python literal dict ({type(exc).__name__}: {exc})"
+            "structure text is neither JSON nor a Python literal dict "
+            f"({type(exc).__name__}: {exc})"
         ) from None
 
 
