@@ -190,40 +190,49 @@ def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
 
 
 def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, model_config=None) -> None:
-    """Shared body of ``train`` and ``finetune``; ``opts`` are the click options by name."""
+    """Shared body of ``train`` and ``finetune``; ``opts`` are the click options by name.
+
+    The run directory is locked (and checked for another run) before the data is read, so
+    a second run into it fails at once, and stays locked until report.json is written.
+    """
+    import os
     import sys
 
     from .config import TrainConfig
     from .errors import CrystalformerError
-    from .training import train
+    from .rundir import run_directory
+    from .training import train, write_json
 
     targets = opts["targets"]
-    dataset = _load(opts["source"], list(targets), opts["data_dir"], opts["structure_column"], opts["id_column"],
-                    opts["split_file"], opts["split_rule"], opts["primitive"], opts["cache_dir"], seed=opts["seed"])
-    specs = _target_specs(targets, opts["transforms"], dataset.units, opts["units"], opts["as_energy"])
     out, device = Path(opts["out"]), opts["device"]
     try:
-        config = TrainConfig(
-            epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
-            swa_epochs=min(opts["swa_epochs"], opts["epochs"]), seed=opts["seed"],
-            weight_decay=opts["weight_decay"], lr_decay_steps=opts["lr_decay_steps"], clip_norm=opts["clip_norm"],
-            betas=tuple(opts["betas"]), force_weight=opts["force_weight"], stress_weight=opts["stress_weight"],
-        )
+        with run_directory(out, resume=opts["resume"], overwrite=opts["overwrite"]):
+            dataset = _load(opts["source"], list(targets), opts["data_dir"], opts["structure_column"],
+                            opts["id_column"], opts["split_file"], opts["split_rule"], opts["primitive"],
+                            opts["cache_dir"], seed=opts["seed"])
+            specs = _target_specs(targets, opts["transforms"], dataset.units, opts["units"], opts["as_energy"])
+            config = TrainConfig(
+                epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+                swa_epochs=min(opts["swa_epochs"], opts["epochs"]), seed=opts["seed"],
+                weight_decay=opts["weight_decay"], lr_decay_steps=opts["lr_decay_steps"], clip_norm=opts["clip_norm"],
+                betas=tuple(opts["betas"]), force_weight=opts["force_weight"], stress_weight=opts["stress_weight"],
+            )
 
-        def echo(summary: dict) -> None:
-            val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_"))
-            click.echo(f"epoch {summary['epoch']:>4} step {summary['step']:>6} loss {summary['train_loss']:.4f} "
-                       f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
-                       f"({summary['wall_time_s']:.0f} s)")
+            def echo(summary: dict) -> None:
+                val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_"))
+                click.echo(f"epoch {summary['epoch']:>4} step {summary['step']:>6} loss {summary['train_loss']:.4f} "
+                           f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
+                           f"({summary['wall_time_s']:.0f} s)")
 
-        report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
-                       freeze_encoder=freeze_encoder, resume=opts["resume"], device=device,
-                       command=" ".join(["crystalformer", *sys.argv[1:]]), progress=opts["progress"], on_epoch=echo,
-                       num_workers=opts["workers"])
-        report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
+            report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
+                           freeze_encoder=freeze_encoder, resume=opts["resume"], overwrite=opts["overwrite"],
+                           device=device, command=" ".join(["crystalformer", *sys.argv[1:]]),
+                           progress=opts["progress"], on_epoch=echo, num_workers=opts["workers"])
+            report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_json(report, out / "report.json")
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
-    (out / "report.json").write_text(json.dumps(report, indent=2))
     if report["skipped"]:
         click.echo(f"skipped {len(report['skipped'])} structures (ids and reasons in report.json)")
     for key, metrics in report["metrics"].items():
@@ -244,6 +253,7 @@ def training_options(func):
         click.option("--seed", default=123, show_default=True, type=int),
         device_option,
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch."),
+        click.option("--overwrite", is_flag=True, help="Remove the files of a previous run in --out and start afresh (without it, a used --out is refused)."),
         click.option("--weight-decay", default=1e-5, show_default=True, help="AdamW weight decay (not on biases)."),
         click.option("--lr-decay-steps", default=4000, show_default=True, type=click.IntRange(min=1), help="T of lr·sqrt(T/(T+t))."),
         click.option("--clip-norm", default=1.0, show_default=True, help="Global gradient-norm clip."),
