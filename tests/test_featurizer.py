@@ -138,14 +138,14 @@ def test_cli_featurize_table(model, frame, tmp_path) -> None:
     pd.DataFrame({"cif": [cifs[0], "not a structure", cifs[1]], "y": [1, 2, 3]}).to_csv(tmp_path / "in.csv", index=False)
     args = ["featurize", str(tmp_path / "in.csv"), "--column", "cif", "--model", str(tmp_path / "tiny"), "--device", "cpu"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out.csv")])
-    assert result.exit_code != 0 and "row 1" in result.output
+    assert result.exit_code != 0 and "in.csv@1: cannot read the structure" in result.output
 
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out.json"), "--ignore-errors", "--mode", "both"])
     assert result.exit_code == 0, result.output
     out = pd.read_json(tmp_path / "out.json")
     assert list(out.columns[:2]) == ["y", "crystalformer emb 0"] and "cif" not in out.columns
     assert np.isnan(out["crystalformer band_gap"][1]) and np.isfinite(out["crystalformer band_gap"][[0, 2]]).all()
-    assert out["crystalformer_error"][1].startswith("cannot read the structure")
+    assert "in.csv@1: cannot read the structure" in out["crystalformer_error"][1]
     with torch.no_grad():
         expected = model.embed(model.make_batch([frame.structure[3]]))[0, 0].item()
     assert out["crystalformer emb 0"][2] == pytest.approx(expected, rel=1e-5, abs=1e-6)
