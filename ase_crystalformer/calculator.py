@@ -161,6 +161,15 @@ class CrystalformerCalculator(Calculator):
             describe_models(self.models), self.device, self.parameters["dtype"],
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be pickled; a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     # ------------------------------------------------------------------------ ASE contract
     def set(self, **kwargs: Any) -> dict[str, Any]:
         """Change ``batch_size``; the models, device and dtype are fixed at construction."""

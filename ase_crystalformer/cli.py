@@ -50,17 +50,17 @@ def _read_structures(paths: tuple[str, ...], column: str, ignore_errors: bool) -
     return entries
 
 
+#: Structures from which predict shows a progress bar on a terminal by default.
+PROGRESS_MIN = 200
+
+
 def _progress(total: int, wanted: bool | None):
     """A tqdm bar on stderr: when asked, or by default for many structures on a terminal."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     stderr = click.get_text_stream("stderr")
     show = wanted if wanted is not None else total >= PROGRESS_MIN and stderr.isatty()
     return tqdm(total=total, file=stderr, disable=not show, leave=False, unit="structure")
-
-
-#: Structures from which predict shows a progress bar on a terminal by default.
-PROGRESS_MIN = 200
 
 
 @main.command()

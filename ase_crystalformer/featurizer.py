@@ -56,7 +56,8 @@ def _mark_forked() -> None:
     _forked = True
 
 
-os.register_at_fork(after_in_child=_mark_forked)
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_mark_forked)
 
 Mode = Literal["embedding", "predictions", "both"]
 _SKIP_HINT = (

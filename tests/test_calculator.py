@@ -305,3 +305,10 @@ def test_one_calculator_shared_by_threads_gives_each_its_own_results() -> None:
     for i, energy, forces, gap in results:
         assert energy == expected[i][0] and gap == expected[i][2]
         np.testing.assert_array_equal(forces, expected[i][1])
+
+    import copy
+    import pickle
+
+    for twin in (pickle.loads(pickle.dumps(calc)), copy.deepcopy(calc)):  # the lock is not copied
+        assert twin._lock is not calc._lock
+        assert twin.get_potential_energy(structures[0].copy()) == expected[0][0]
