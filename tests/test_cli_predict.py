@@ -107,6 +107,7 @@ def test_predict_and_featurize_read_folders_and_tables_alike(tmp_path, model_pat
     records = [{"s": AseAtomsAdaptor.get_structure(a).as_dict()} for a in (mgo, si)]
     (tmp_path / "t.json").write_text(json.dumps(records))
     (tmp_path / "cu.json").write_text(json.dumps(AseAtomsAdaptor.get_structure(cu).as_dict()))
+    write(tmp_path / "db.json", [si, nacl], format="json")  # an ASE database: not a table
     model = load_model(model_path)
 
     args = ["predict", str(folder), str(tmp_path / "t.csv"), "--model", str(model_path), "--column", "cif", "--format", "json"]
@@ -117,12 +118,14 @@ def test_predict_and_featurize_read_folders_and_tables_alike(tmp_path, model_pat
     assert [r["formula"] for r in rows] == ["ClNa", "Si2", "Cu", "MgO"]
     np.testing.assert_allclose([r["band_gap (eV)"] for r in rows], model.predict([nacl, si, cu, mgo]), rtol=1e-5)
 
-    args = ["predict", str(tmp_path / "t.json"), str(tmp_path / "cu.json"), "--model", str(model_path), "--column", "s", "--format", "json"]
+    args = ["predict", *(str(tmp_path / n) for n in ("t.json", "cu.json", "db.json")), "--model", str(model_path),
+            "--column", "s", "--format", "json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert [r["structure"] for r in rows] == [f"{tmp_path / 't.json'}@0", f"{tmp_path / 't.json'}@1", str(tmp_path / "cu.json")]
-    np.testing.assert_allclose([r["band_gap (eV)"] for r in rows], model.predict([mgo, si, cu]), rtol=1e-5)
+    assert [r["structure"] for r in rows] == [f"{tmp_path / 't.json'}@0", f"{tmp_path / 't.json'}@1", str(tmp_path / "cu.json"),
+                                              f"{tmp_path / 'db.json'}@0", f"{tmp_path / 'db.json'}@1"]
+    np.testing.assert_allclose([r["band_gap (eV)"] for r in rows], model.predict([mgo, si, cu, si, nacl]), rtol=1e-5)
 
     # featurize reads the same folder (one row per structure, labelled as predict labels them)
     result = CliRunner().invoke(main, ["featurize", str(folder), "--model", str(model_path), "--mode", "predictions",
