@@ -64,6 +64,8 @@ def _complete_basis(cell: np.ndarray, pbc: np.ndarray, length: float = 1.0) -> n
     the periodic fractional coordinates do not depend on the open ones). No shift is ever
     applied along such an axis, so the vectors we put there never reach the model.
     """
+    if pbc.all():
+        return cell
     cell = cell.copy()
     # The last rows of V in the SVD of the periodic rows span their orthogonal complement.
     cell[~pbc] = length * np.linalg.svd(cell[pbc])[2][pbc.sum():]
@@ -95,8 +97,6 @@ def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _search_box(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
     """The cell on periodic axes; vectors longer than the structure plus ``cutoff`` on the others."""
-    if pbc.all():
-        return cell
     return _complete_basis(cell, pbc, np.ptp(positions, axis=0).max() + cutoff + 1.0)
 
 

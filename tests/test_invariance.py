@@ -173,3 +173,20 @@ def test_forces_and_stress_of_far_and_skewed_inputs_are_those_of_the_clean_cell(
         assert atoms.get_potential_energy() == pytest.approx(total, rel=1e-10), name
         np.testing.assert_allclose(atoms.get_forces(), forces, rtol=1e-7, atol=1e-9, err_msg=name)
         np.testing.assert_allclose(atoms.get_stress(), stress, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+def test_far_and_skewed_slabs_and_wires(model):
+    """Only periodic axes are reduced and wrapped; an open axis may hold a zero vector."""
+    from ase.build import fcc111
+
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    slab.rattle(0.05, seed=0)
+    flat = slab.copy()
+    flat.cell[2] = 0.0
+    wire = Atoms("CN", positions=[[0, 0, 0], [0.2, 0, 1.3]], cell=[0, 0, 2.6], pbc=[False, False, True])
+    for atoms in (slab, flat, wire):
+        moved = atoms.copy()
+        moved.positions[-1] += FAR * atoms.cell[2 if atoms is wire else 0]
+        _close(model.predict(moved), model.predict(atoms))
+    for atoms in (slab, flat):
+        _close(model.predict(far_and_skewed(atoms)["both"]), model.predict(atoms))
