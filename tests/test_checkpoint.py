@@ -323,3 +323,14 @@ def test_model_config_names_the_bad_field():
         ModelConfig(n_heads=0)
     with pytest.raises(ValueError, match="cutoff=50.0 Å is above"):
         ModelConfig(cutoff=50.0)
+
+
+def test_cli_train_reports_a_bad_config_as_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from ase_crystalformer.cli import main
+
+    args = ["train", "--cutoff", "1e4", "--data", str(tmp_path / "none.csv"), "--target", "y", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "cutoff=10000.0 Å is above the supported maximum of 20.0 Å" in result.output
+    assert not (tmp_path / "run").exists()
