@@ -351,7 +351,11 @@ def train(cutoff: float, blocks: int, activation: str, **opts) -> None:
     """Train a Crystalformer from scratch with the paper's recipe."""
     from .config import ModelConfig
 
-    _run_training(opts, model_config=ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation))
+    try:
+        model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation)
+    except ValueError as err:  # the config's own checks, e.g. the cutoff's range
+        raise click.UsageError(str(err)) from err
+    _run_training(opts, model_config=model_config)
 
 
 @main.command()
