@@ -261,7 +261,7 @@ def _differentiable_backward(
         wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
         # The torch reference path is twice differentiable; rare (force training), so its
         # per-pair memory is acceptable here.
-        geom = replace(ctx.geom, d2=d2, basis=basis, rbf=None)
+        geom = replace(ctx.geom, d2=d2, basis=basis, rbf=None, layout=None)
         values, mixed = attention.torch_window_attention(q, k, v, gamma, geom)
         outputs, grads_out = [values], [gvalues if gvalues is not None else torch.zeros_like(values)]
         if mixed is not None and gmixed is not None:

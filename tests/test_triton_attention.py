@@ -70,7 +70,10 @@ def geometry(atoms: Sequence[Atoms], dtype: torch.dtype, n_rbf: int = 64) -> Win
     model = Crystalformer(ModelConfig(n_blocks=1, d_model=16, n_heads=1, n_rbf=n_rbf))
     batch = collate(windows_for(atoms, model.config.cutoff), dtype)
     with torch.no_grad():
-        return model.to(dtype).geometry(batch)
+        geom = model.to(dtype).geometry(batch)
+        # The kernels read one whole (N, M, K) basis tensor (the model forms it on CUDA).
+        basis = model.basis(geom.d2) if model.basis is not None else None
+        return replace(geom, basis=basis, layout=None)
 
 
 # ----------------------------------------------------------------------------- comparison
