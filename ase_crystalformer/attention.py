@@ -23,10 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
@@ -181,7 +183,10 @@ class GaussianBasis(nn.Module):
     Entries below e^-30 (float32; e^-80 in float64) are set to exactly 0: they are below
     the precision of every sum they enter (each row also holds an entry ≥ e^-1/2), and
     tiny but nonzero values made the products of backward denormal, which x86 CPUs compute
-    many times slower. Without autograd the bases are formed in place, in one buffer.
+    many times slower. The bases are formed in place in one buffer, and their first and
+    second derivatives in d are written out (``_Gaussians``) instead of recorded op by op:
+    forces and force training need both, and autograd's chain over seven (…, K) operations
+    cost several times more.
     """
 
     def __init__(self, n_rbf: int, r_max: float) -> None:
@@ -195,18 +200,71 @@ class GaussianBasis(nn.Module):
         # sqrt'(0) is infinite: the self image has d² ≡ 0 with a zero gradient, so clamping
         # keeps its value (b(1e-15) = b(0) in any precision) and gives a zero, not NaN, gradient.
         d = d2.clamp_min(1e-30).sqrt()
-        z = d[..., None] - self.centers.to(d.dtype)  # (..., K)
-        limit = 80.0 if d.dtype == torch.float64 else 30.0
+        centers = self.centers.to(d.dtype)
+        if torch.is_grad_enabled() and d.requires_grad:
+            return _Gaussians.apply(d, centers, self.width)
+        return _gaussians(d, centers, self.width)
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """Below this, basis entries and attention weights are set to 0 (denormal-free products)."""
+    return 2.0 * math.exp(-(80.0 if dtype == torch.float64 else 30.0))
+
+
+def _gaussians(d: torch.Tensor, centers: torch.Tensor, width: float) -> torch.Tensor:
+    """exp(−z²/2), z = (d − c)/w, (…, K), without autograd; tiny entries exactly 0."""
+    tiny = _tiny(d.dtype)
+    with torch.no_grad():
+        z = d[..., None] - centers
         # Clamping the exponent first keeps exp() off its slow underflow path; entries at
-        # the clamp (2·e^-limit bounds them) are then zeroed.
-        floor = 2.0 * math.exp(-limit)
-        if not (torch.is_grad_enabled() and z.requires_grad):
-            with torch.no_grad():  # the same operations in place: no fresh (..., K) buffers
-                z.div_(self.width)
-                z.mul_(z).mul_(-0.5).clamp_min_(-limit).exp_()
-                return F.threshold(z, floor, 0.0, inplace=True)
-        z = z / self.width
-        return F.threshold((z * z * -0.5).clamp_min(-limit).exp(), floor, 0.0)
+        # the clamp are then zeroed.
+        z.div_(width)
+        z.mul_(z).mul_(-0.5).clamp_min_(math.log(tiny / 2)).exp_()
+        return F.threshold(z, tiny, 0.0, inplace=True)
+
+
+class _Gaussians(torch.autograd.Function):
+    """b(d) = exp(−(d − c)²/2w²) with b' = −(d − c)/w² · b (``_GaussiansGrad``)."""
+
+    @staticmethod
+    def forward(ctx: Any, d: torch.Tensor, centers: torch.Tensor, width: float) -> torch.Tensor:  # type: ignore[override]
+        b = _gaussians(d, centers, width)
+        ctx.save_for_backward(d, b)
+        ctx.centers, ctx.width = centers, width
+        return b
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        d, b = ctx.saved_tensors
+        # b enters as a constant: _GaussiansGrad's d-derivative already includes b's.
+        return _GaussiansGrad.apply(d, b.detach(), grad, ctx.centers, ctx.width), None, None
+
+
+class _GaussiansGrad(torch.autograd.Function):
+    """Σ_k g_k b_k'(d), differentiable once more (forces → force-training gradients)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, d: torch.Tensor, b: torch.Tensor, g: torch.Tensor, centers: torch.Tensor, width: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(d, b, g)
+        ctx.centers, ctx.width = centers, width
+        t = d[..., None] - centers  # (…, K)
+        return t.mul_(b).mul_(g).sum(-1).mul_(-1.0 / width**2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gg: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        d, b, g = ctx.saved_tensors
+        w2 = ctx.width**2
+        t = d[..., None] - ctx.centers  # (…, K)
+        grad_d = grad_g = None
+        if ctx.needs_input_grad[2]:  # ∂/∂g = b'(d)
+            grad_g = (t * b).mul_(gg[..., None] * (-1.0 / w2))
+        if ctx.needs_input_grad[0]:  # ∂/∂d = Σ_k g_k b_k''(d), b'' = ((d − c)²/w² − 1)·b/w²
+            t.mul_(t).div_(w2).sub_(1.0).mul_(b).mul_(g)
+            grad_d = t.sum(-1).mul_(gg / w2)
+        return grad_d, None, grad_g, None, None
 
 
 class PeriodicAttention(nn.Module):
@@ -369,7 +427,9 @@ def _chunk_attention(
         logits = torch.addcmul(
             qk.gather(0, index.view(-1)).view(index.shape), gamma[g.start : g.stop, :, None], g.d2[:, None, :]
         )
-        weights = logits.softmax(dim=-1)  # (n, H, m): a_ij·π_ij(n)
+        # (n, H, m): a_ij·π_ij(n); weights below e^-30 (e^-80 in float64) are zeroed for the
+        # same reason as the bases' tiny entries (they sum to 1, so this is below round-off).
+        weights = F.threshold(logits.softmax(dim=-1), _tiny(logits.dtype), 0.0)
         pair_weight = pair_weight.scatter_add(0, index.view(-1), weights.view(-1))
         b = g.basis
         if b is None and basis is not None:
