@@ -365,14 +365,18 @@ def window_attention(
 
     q, k, v (N, H, dh), gamma (N, H). Returns Σ_(j,n) w·v_j (N, H, dh) and Σ_(j,n) w·b(d)
     (N, H, K) (None without bases), with w = softmax of q_i·k_j/√dh + γ_i d_ij(n)².
-    On CUDA with triton installed the fused kernels of ``triton_attention`` run; everywhere
-    else ``torch_window_attention``, their reference.
+    The one place that picks the path: on CUDA with triton installed the fused kernels of
+    ``triton_attention`` run; everywhere else, and if they fail to compile or launch
+    (one ``RuntimeWarning``, then the torch path for the rest of the process),
+    ``torch_window_attention``, their reference.
     """
-    if q.is_cuda:
-        from . import triton_attention  # lazy: triton is an optional dependency
+    from . import triton_attention  # lazy: cheap, and imports nothing of this package
 
-        if triton_attention.available(q, k, v, gamma, geom.d2):
-            return triton_attention.window_attention(q, k, v, gamma, geom)
+    if triton_attention.available(q, k, v, gamma, geom.d2):
+        try:
+            return triton_attention.window_attention(q, k, v, gamma, geom, reference=torch_window_attention)
+        except Exception as error:  # noqa: BLE001 - any compile or launch failure
+            triton_attention.give_up(error)
     return torch_window_attention(q, k, v, gamma, geom)
 
 
