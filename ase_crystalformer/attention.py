@@ -105,7 +105,7 @@ class RowLayout:
     """
 
     chunks: list[RowChunk]
-    inverse: torch.Tensor  # (N,) long: output row of atom i in the concatenated chunks
+    inverse: torch.Tensor | None  # (N,) long: row of atom i in the chunks; None if in order
 
 
 #: Rows are grouped while their windows are at least this fraction of the group's first.
@@ -130,17 +130,25 @@ def row_layout(
     budget = max(max_slots or MAX_SLOTS, 1)
     slots = torch.arange(1, m + 1, device=device)
     width = (mask * slots).amax(1) if m else mask.new_zeros(n, dtype=torch.long)  # (N,)
-    order = torch.argsort(width, descending=True, stable=True)
-    widths = width[order].tolist()
+    widths = width.tolist()
+    in_order = not n or min(widths) >= GROUP_FILL * max(widths)  # one group: no sorting
+    if in_order:
+        order = torch.arange(n, device=device)
+    else:
+        order = torch.argsort(width, descending=True, stable=True)
+        widths = width[order].tolist()
     counts = torch.bincount(pair_i, minlength=n)  # pairs of each atom (sorted by i)
     starts = torch.cumsum(counts, 0) - counts
     chunks, a = [], 0
     while a < n:
-        b = a + max(1, budget // max(widths[a], 1))
+        b = a + max(1, budget // max(max(widths) if in_order else widths[a], 1))
         chunks.append(_row_chunk(d2, mask, pair, pair_i, pair_j, order[a:b], widths[a:b], counts, starts, rbf))
         a = b
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n, device=device)
+    if in_order:
+        inverse = None
+    else:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=device)
     return RowLayout(chunks, inverse)
 
 
@@ -168,7 +176,7 @@ def _row_chunk(
         e = s + 1
         while e < len(rows) and widths[e] >= GROUP_FILL * widths[s]:
             e += 1
-        r, w = rows[s:e], max(widths[s], 1)
+        r, w = rows[s:e], max(max(widths[s:e]), 1)
         local_pair = pair[r, :w] - (starts[r] - local[s:e])[:, None]
         local_pair = torch.where(mask[r, :w], local_pair, n_pairs)
         g2 = d2[r, :w]
@@ -313,7 +321,9 @@ class PeriodicAttention(nn.Module):
         q, k, v = self._project(x)  # (N, H, dh) each
         values, mixed = window_attention(q, k, v, self.gamma(q), geom)
         if self.rbf_proj is not None:
-            values = values + torch.einsum("nhk,hdk->nhd", mixed, self.rbf_proj)  # Σ_j a_ij β_ij
+            # Σ_j a_ij β_ij = W_E Σ w b, per head: (H, N, K) @ (H, K, dh)
+            beta = torch.bmm(mixed.transpose(0, 1), self.rbf_proj.transpose(1, 2))
+            values = values + beta.transpose(0, 1)
         return self.out_proj(values.reshape(n, -1))
 
     def encodings(
@@ -405,9 +415,15 @@ def torch_window_attention(
     if len(layout.chunks) > 1 and torch.is_grad_enabled():
         run = partial(checkpoint, run, use_reentrant=False)
     parts = [run(c) for c in layout.chunks]
-    values = torch.cat([p[0] for p in parts])[layout.inverse]
-    mixed = torch.cat([p[1] for p in parts])[layout.inverse] if parts[0][1] is not None else None
+    values = _unsort([p[0] for p in parts], layout.inverse)
+    mixed = _unsort([p[1] for p in parts], layout.inverse) if parts[0][1] is not None else None
     return values, mixed
+
+
+def _unsort(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tensor:
+    """The chunks' rows, concatenated, back in the atoms' order."""
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return x if inverse is None else x.index_select(0, inverse)
 
 
 def _chunk_attention(
@@ -421,10 +437,10 @@ def _chunk_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``window_attention`` for the rows of one chunk, in chunk order."""
     h, dh = q.shape[1], q.shape[2]
-    qk = (q[chunk.pair_i] * k[chunk.pair_j]).sum(-1) / math.sqrt(dh)  # (Pc, H)
+    qk = (q.index_select(0, chunk.pair_i) * k.index_select(0, chunk.pair_j)).sum(-1) / math.sqrt(dh)  # (Pc, H)
     qk = torch.cat([qk, qk.new_full((1, h), float("-inf"))]).view(-1)  # + the padding pair
     pair_weight = torch.zeros_like(qk)  # ((Pc + 1)·H,) Σ_n weights = a_ij
-    gamma = gamma[chunk.rows]
+    gamma = gamma.index_select(0, chunk.rows)
     mixed = []
     for g in chunk.groups:
         index = g.flat_index(h)  # (n, H, m)
@@ -433,7 +449,9 @@ def _chunk_attention(
         )
         # (n, H, m): a_ij·π_ij(n); weights below e^-30 (e^-80 in float64) are zeroed for the
         # same reason as the bases' tiny entries (they sum to 1, so this is below round-off).
-        weights = F.threshold(logits.softmax(dim=-1), _tiny(logits.dtype), 0.0)
+        weights = F.threshold(
+            logits.softmax(dim=-1), _tiny(logits.dtype), 0.0, inplace=not torch.is_grad_enabled()
+        )
         pair_weight = pair_weight.scatter_add(0, index.view(-1), weights.view(-1))
         b = g.basis
         if b is None and basis is not None:
@@ -445,5 +463,7 @@ def _chunk_attention(
             mixed.append(torch.bmm(weights, b))  # (n, H, K)
     pair_weight = pair_weight.view(-1, h)[:-1]
     n = len(chunk.rows)
-    values = v.new_zeros(n, h, dh).index_add_(0, chunk.pair_row, pair_weight[..., None] * v[chunk.pair_j])
-    return values, (torch.cat(mixed) if mixed else None)
+    values = v.new_zeros(n, h, dh).index_add_(
+        0, chunk.pair_row, pair_weight[..., None] * v.index_select(0, chunk.pair_j)
+    )
+    return values, (mixed[0] if len(mixed) == 1 else torch.cat(mixed)) if mixed else None
