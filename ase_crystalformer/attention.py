@@ -108,8 +108,10 @@ class RowLayout:
     inverse: torch.Tensor | None  # (N,) long: row of atom i in the chunks; None if in order
 
 
-#: Rows are grouped while their windows are at least this fraction of the group's first.
+#: Rows are grouped while their windows are at least this fraction of the group's first,
+#: and a group has at least GROUP_ROWS rows (fewer, larger operations for small inputs).
 GROUP_FILL = 0.85
+GROUP_ROWS = 32
 
 
 def row_layout(
@@ -131,7 +133,7 @@ def row_layout(
     slots = torch.arange(1, m + 1, device=device)
     width = (mask * slots).amax(1) if m else mask.new_zeros(n, dtype=torch.long)  # (N,)
     widths = width.tolist()
-    in_order = not n or min(widths) >= GROUP_FILL * max(widths)  # one group: no sorting
+    in_order = n <= GROUP_ROWS or min(widths) >= GROUP_FILL * max(widths)  # one group: no sorting
     if in_order:
         order = torch.arange(n, device=device)
     else:
@@ -174,7 +176,7 @@ def _row_chunk(
     groups, s = [], 0
     while s < len(rows):
         e = s + 1
-        while e < len(rows) and widths[e] >= GROUP_FILL * widths[s]:
+        while e < len(rows) and (e - s < GROUP_ROWS or widths[e] >= GROUP_FILL * widths[s]):
             e += 1
         r, w = rows[s:e], max(max(widths[s:e]), 1)
         local_pair = pair[r, :w] - (starts[r] - local[s:e])[:, None]

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 MEASURES = [
     ("train_s", "training step, energy only, s", True),
     ("train_fs_s", "training step, energy + forces + stress, s", True),
-    ("infer_per_s", "inference at batch 128, structures/s", False),
+    ("infer_per_s", "inference at batch {batch}, structures/s", False),
     ("single_ms", "inference at batch 1, ms/structure", True),
     ("rss_mb", "peak RSS, MiB", True),
 ]
@@ -99,11 +99,11 @@ def worker(args: argparse.Namespace) -> dict:
                 model(b)
 
         result["single_ms"] = 1e3 * timed(all_singles, args.repeats) / len(singles)
-    result["cpu"] = dict(zip(("train_s", "train_fs_s", "infer_per_s", "single_ms"), cpu))
         # Predictions of the seed-0 weights (the training steps above changed these).
         torch.manual_seed(0)
         fresh = Crystalformer(model.config).eval()
         result["outputs"] = fresh(batch)[:, 0].tolist()
+    result["cpu"] = dict(zip(("train_s", "train_fs_s", "infer_per_s", "single_ms"), cpu))
     result["rss_mb"] = _common.peak_rss_mb()
     result["atoms"] = int(batch.n_atoms.sum())
     return result
@@ -125,7 +125,10 @@ def run(checkout: Path, args: argparse.Namespace, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=_common.default_data(), help="flla_2015.csv")
-    parser.add_argument("--baseline", type=Path, default=Path("../baseline"), help="the old checkout")
+    parser.add_argument(
+        "--baseline", type=Path, default=HERE.parent.parent / "baseline",
+        help="the old checkout (default: a sibling of this one named baseline)",
+    )
     parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2")
     parser.add_argument("--rounds", type=int, default=1, help="old/new pairs per thread count")
     parser.add_argument("--batch", type=int, default=128)
@@ -160,7 +163,7 @@ def main() -> None:
                 ca = statistics.median(x["cpu"][key] for x in runs["old"])
                 cb = statistics.median(x["cpu"][key] for x in runs["new"])
                 cpu_ratio = ca / cb
-            rows.append([label, a, b, ratio, cpu_ratio])
+            rows.append([label.format(batch=args.batch), a, b, ratio, cpu_ratio])
         print(f"{threads} thread(s), {runs['new'][0]['atoms']} atoms in the batch, "
               f"load average {os.getloadavg()[0]:.1f} at the end:\n")
         headers = ["measure", "old", "new", "new is × better", "× less CPU time"]
