@@ -1,0 +1,168 @@
+"""Reciprocal-space heads: the Fourier lattice sum against a real-space brute force, the
+domains' layers against the float64 reference, invariances, derivatives, slabs, end to end."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import make_supercell
+from conftest import spread_sigma
+from reference import lattice_gaussian_sum, reference_forward
+from scipy.spatial.transform import Rotation
+from structures_for_tests import random_cell, random_crystal
+
+from ase_crystalformer import Crystalformer, ModelConfig, TargetSpec
+from ase_crystalformer.config import DOMAINS
+from ase_crystalformer.errors import StructureError
+from ase_crystalformer.forces import energy_forces_stress
+from ase_crystalformer.geometry import collate, windows_for
+from ase_crystalformer.reciprocal import (
+    KAPPA,
+    MixedSpaceAttention,
+    log_lattice_sum,
+    reciprocal_geometry,
+    reciprocal_window,
+)
+
+MIXED = [d for d in DOMAINS if d != "real"]
+SIGMA_MIN = ModelConfig().reciprocal_sigma_min  # 2.2·√0.5 = 1.5556 Å
+SIGMAS = [SIGMA_MIN, 1.56, 2.0, 3.0, 4.5, 6.0]
+TINY = ModelConfig(n_blocks=2, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32, n_rbf=16, cutoff=7.0)
+
+
+def _batch(structures, dtype=torch.float64):
+    return collate(windows_for(structures, 7.0), dtype)
+
+
+def _skewed_cells():
+    rng = np.random.default_rng(5)
+    plain = random_cell(rng)
+    sheared = np.array([[1, 0, 0], [5, 1, 0], [-3, 4, 1]]) @ plain  # same lattice, skewed basis
+    flat = np.array([[5.0, 0, 0], [4.7, 1.1, 0], [2.0, 0.4, 2.3]])  # a genuinely flat, acute cell
+    left = plain[[1, 0, 2]]  # det < 0
+    return {"random": plain, "sheared": sheared, "flat": flat, "left-handed": left}
+
+
+@pytest.mark.parametrize("name", list(_skewed_cells()))
+def test_fourier_sum_equals_real_space_sum(name):
+    cell = _skewed_cells()[name]
+    rng = np.random.default_rng(1)
+    atoms = Atoms("H3", scaled_positions=rng.uniform(0, 1, (3, 3)), cell=cell, pbc=True)
+    atoms.positions += rng.normal(0, 3.0, (3, 3))  # unwrapped positions
+    config = ModelConfig()
+    geom = reciprocal_geometry(_batch([atoms]), config)
+    n = len(atoms)
+    sigma = torch.tensor(SIGMAS, dtype=torch.float64).expand(n, -1)  # (n, H)
+    alpha = log_lattice_sum(sigma**2, geom.crystals[0], geom.floor)  # (n, H, n)
+    assert torch.isfinite(alpha).all()
+    p = torch.tensor(atoms.positions)
+    r = p[None, :, :] - p[:, None, :]  # (i, j, 3) = p_j − p_i
+    for h, s in enumerate(SIGMAS):
+        brute = lattice_gaussian_sum(r, cell, torch.tensor(s, dtype=torch.float64), radius=9 * s)
+        np.testing.assert_allclose(alpha[:, h, :].exp().numpy(), brute.numpy(), rtol=1e-9, atol=0)
+
+
+def test_far_pairs_are_clamped_not_nan():
+    """A 16 Å cell at σ_min: the corner-to-centre sum is ~1e-13 of the self sum, below what
+    float64 cosines resolve; it is clamped at floor·self, within floor·self of the truth."""
+    cell = np.eye(3) * 16.0
+    atoms = Atoms("H2", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]], cell=cell, pbc=True)
+    geom = reciprocal_geometry(_batch([atoms]), ModelConfig())
+    sigma = torch.tensor([[SIGMA_MIN, 3.0]] * 2, dtype=torch.float64)
+    kernel = log_lattice_sum(sigma**2, geom.crystals[0], geom.floor).exp()  # (2, 2, 2)
+    p = torch.tensor(atoms.positions)
+    r = p[None, :, :] - p[:, None, :]
+    for h in range(2):
+        brute = lattice_gaussian_sum(r, cell, sigma[0, h], radius=9 * float(sigma[0, h]))
+        self_sum = brute[0, 0]
+        assert (kernel[:, h, :] >= geom.floor * self_sum * (1 - 1e-9)).all()
+        np.testing.assert_allclose(kernel[:, h, :].numpy(), brute.numpy(), rtol=1e-9, atol=float(geom.floor * self_sum))
+    assert float(lattice_gaussian_sum(r[0, 1], cell, sigma[0, 0], 15.0)) < 1e-12  # the case is real
+
+
+@pytest.mark.parametrize("name", ["random", "sheared", "flat"])
+def test_window_is_the_half_sphere(name):
+    cell = _skewed_cells()[name]
+    k_max = KAPPA / SIGMA_MIN
+    m = reciprocal_window(cell, k_max)
+    grid = np.stack(np.meshgrid(*[np.arange(-60, 61)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    k = grid @ (2 * np.pi * np.linalg.inv(cell).T)
+    inside = grid[((k * k).sum(1) <= k_max**2) & (np.abs(grid).sum(1) > 0)]
+    assert 2 * len(m) == len(inside)
+    both = {tuple(x) for x in m} | {tuple(-x) for x in m}
+    assert both == {tuple(x) for x in inside}
+
+
+def test_window_depends_on_the_lattice_not_the_basis():
+    cells = _skewed_cells()
+    k_max = KAPPA / SIGMA_MIN
+    kvec = [np.sort(np.linalg.norm(reciprocal_window(c, k_max) @ (2 * np.pi * np.linalg.inv(c).T), axis=1))
+            for c in (cells["random"], cells["sheared"], cells["left-handed"])]
+    np.testing.assert_allclose(kvec[0], kvec[1], rtol=1e-9)
+    np.testing.assert_allclose(kvec[0], kvec[2], rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_domain_round_trip_and_default():
+    for domain in DOMAINS:
+        config = ModelConfig(n_blocks=2, domain=domain)
+        assert ModelConfig.from_dict(config.to_dict()) == config
+    old = ModelConfig().to_dict()
+    del old["domain"], old["reciprocal_scale"]  # a checkpoint written before domains existed
+    assert ModelConfig.from_dict(old).domain == "real"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"domain": "fourier"}, "unknown domain 'fourier'"),
+        ({"domain": "dual", "n_heads": 3, "d_model": 48}, "n_heads=3 is odd"),
+        ({"domain": "alternating", "n_blocks": 1}, "needs n_blocks >= 2"),
+        ({"reciprocal_scale": 0.0}, "reciprocal_scale must be positive"),
+    ],
+)
+def test_config_refuses_bad_domains(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_layer_layout_per_domain():
+    kinds = {d: [getattr(b.attention, "kind", "plain") for b in Crystalformer(replace(TINY, domain=d)).blocks]
+             for d in DOMAINS}
+    assert kinds == {"real": ["plain", "plain"], "reciprocal": ["reciprocal"] * 2,
+                     "alternating": ["real", "reciprocal"], "dual": ["dual"] * 2, "routed": ["routed"] * 2}
+    dual = Crystalformer(replace(TINY, domain="dual")).blocks[0].attention
+    assert dual.rbf_proj.shape == (2, 8, 16)  # W_E for the real half only
+    assert Crystalformer(replace(TINY, domain="reciprocal")).blocks[0].attention.rbf_proj is None
+
+
+# ----------------------------------------------------------------------------- models
+def _model(domain: str, seed: int = 1, config: ModelConfig = TINY) -> Crystalformer:
+    torch.manual_seed(seed)
+    model = Crystalformer(replace(config, domain=domain)).double()
+    spread_sigma(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            if getattr(block.attention, "kind", None) == "routed":  # gates that vary per atom
+                block.attention.route_weight.normal_(0, 1.0)
+                block.attention.route_bias.normal_(0, 1.0)
+    return model.eval()
+
+
+def _crystals(n=3, seed=7):
+    rng = np.random.default_rng(seed)
+    return [random_crystal(rng, int(rng.integers(1, 4))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("domain", MIXED)
+def test_model_matches_the_real_space_reference(domain):
+    """Whole model against tests/reference.py, where reciprocal heads are brute-force
+    real-space sums over every image within 60 Å (σ up to ~6.5 Å here). The real heads get
+    a 14 Å window, beyond which an image weighs < e^{-14²/(2·1.98²)} = 1.4e-11."""
+    model = _model(domain, config=replace(TINY, cutoff=14.0))
+    for atoms in _crystals(2, seed=3):
+        fast = model(collate(windows_for([atoms], 14.0), torch.float64))[0]
+        slow = reference_forward(model, atoms, radius=22.0, wide_radius=60.0)
+        torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-10)
