@@ -86,10 +86,12 @@ def _heads(q, k, v, gamma, d2, rbf_proj):
 
 def lattice_gaussian_sum(r: torch.Tensor, cell: np.ndarray, sigma: torch.Tensor, radius: float) -> torch.Tensor:
     """Σ_n exp(−|r + nL|²/2σ²) in real space over every image of a box holding a sphere of
-    ``radius`` (with a margin of one cell), for displacements r (...,3) and widths σ (...)."""
+    ``radius`` around each r, for displacements r (..., 3) and widths σ (...)."""
+    lattice = torch.as_tensor(np.asarray(cell), dtype=r.dtype)
+    frac = r @ torch.linalg.inv(lattice)
+    r = (frac - torch.floor(frac)) @ lattice  # the same sum; inside the cell, as the box assumes
     images = box_images(Atoms(cell=cell, pbc=True), radius).to(r.dtype)
-    t = images @ torch.as_tensor(np.asarray(cell), dtype=r.dtype)  # (W, 3)
-    d2 = ((r[..., None, :] + t) ** 2).sum(-1)  # (..., W)
+    d2 = ((r[..., None, :] + images @ lattice) ** 2).sum(-1)  # (..., W)
     return torch.exp(-d2 / (2 * sigma[..., None] ** 2)).sum(-1)
 
 

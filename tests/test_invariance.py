@@ -1,4 +1,5 @@
-"""Exact symmetries of the model: the window is a sphere, so the cell choice cannot matter."""
+"""Exact symmetries of the model in every domain: the real window and the reciprocal window
+are spheres, so the cell choice cannot matter."""
 
 import numpy as np
 import pytest
@@ -10,13 +11,20 @@ from scipy.spatial.transform import Rotation
 from structures_for_tests import random_crystal
 
 from ase_crystalformer import Crystalformer, ModelConfig
+from ase_crystalformer.config import DOMAINS
 
 
-@pytest.fixture(scope="module")
-def model() -> Crystalformer:
+@pytest.fixture(scope="module", params=DOMAINS)
+def model(request) -> Crystalformer:
+    """A tiny float64 model per domain (real-space, reciprocal-space and mixed heads)."""
     torch.manual_seed(1)
-    m = Crystalformer(ModelConfig(n_blocks=2, d_model=64, n_heads=4, d_ff=128)).double()
+    m = Crystalformer(ModelConfig(n_blocks=2, d_model=64, n_heads=4, d_ff=128, domain=request.param)).double()
     spread_sigma(m)
+    with torch.no_grad():  # routed: gates that differ per head and atom
+        for block in m.blocks:
+            if hasattr(block.attention, "route_weight"):
+                block.attention.route_weight.normal_(0, 1.0)
+                block.attention.route_bias.normal_(0, 1.0)
     return m.eval()
 
 

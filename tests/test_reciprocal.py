@@ -48,6 +48,9 @@ def _skewed_cells():
 @pytest.mark.parametrize("name", list(_skewed_cells()))
 def test_fourier_sum_equals_real_space_sum(name):
     cell = _skewed_cells()[name]
+    # The sheared basis spans the random cell's lattice: the same real-space sum, and a
+    # compact box for the brute force.
+    brute_cell = _skewed_cells()["random"] if name == "sheared" else cell
     rng = np.random.default_rng(1)
     atoms = Atoms("H3", scaled_positions=rng.uniform(0, 1, (3, 3)), cell=cell, pbc=True)
     atoms.positions += rng.normal(0, 3.0, (3, 3))  # unwrapped positions
@@ -60,7 +63,7 @@ def test_fourier_sum_equals_real_space_sum(name):
     p = torch.tensor(atoms.positions)
     r = p[None, :, :] - p[:, None, :]  # (i, j, 3) = p_j − p_i
     for h, s in enumerate(SIGMAS):
-        brute = lattice_gaussian_sum(r, cell, torch.tensor(s, dtype=torch.float64), radius=9 * s)
+        brute = lattice_gaussian_sum(r, brute_cell, torch.tensor(s, dtype=torch.float64), radius=9 * s)
         np.testing.assert_allclose(alpha[:, h, :].exp().numpy(), brute.numpy(), rtol=1e-9, atol=0)
 
 
@@ -166,3 +169,117 @@ def test_model_matches_the_real_space_reference(domain):
         fast = model(collate(windows_for([atoms], 14.0), torch.float64))[0]
         slow = reference_forward(model, atoms, radius=22.0, wide_radius=60.0)
         torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- derivatives
+ENERGY = TargetSpec("energy", "eV/atom", kind="energy")
+
+
+def _energy_model(domain: str) -> Crystalformer:
+    model = _model(domain, config=replace(TINY, activation="silu", targets=(ENERGY,)))
+    with torch.no_grad():
+        model.target_std.fill_(20.0)  # forces well above rounding noise
+    return model
+
+
+def _energy(model, atoms) -> float:
+    return float(energy_forces_stress(model, _batch([atoms]), forces=False, stress=False)["energy"][0].detach())
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_forces_and_stress_match_finite_differences(domain):
+    model = _energy_model(domain)
+    atoms = _crystals(1, seed=5)[0].repeat((1, 1, 2))
+    atoms.rattle(0.05, seed=1)
+    got = energy_forces_stress(model, _batch([atoms]))
+    h = 1e-5
+    numeric = np.zeros((len(atoms), 3))
+    for a in range(len(atoms)):
+        for c in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[a, c] += h
+            minus.positions[a, c] -= h
+            numeric[a, c] = -(_energy(model, plus) - _energy(model, minus)) / (2 * h)
+    np.testing.assert_allclose(got["forces"].detach().numpy(), numeric, rtol=1e-6, atol=1e-7 * np.abs(numeric).max())
+    assert np.abs(numeric).max() > 1e-3  # forces that can fail the test
+    stress = np.zeros((3, 3))
+    for c, d in [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]:
+        e = np.zeros((3, 3))
+        e[c, d] = e[d, c] = h / 2 if c != d else h
+        values = []
+        for sign in (1, -1):
+            strained = atoms.copy()
+            strained.set_cell(np.asarray(atoms.cell) @ (np.eye(3) + sign * e).T, scale_atoms=True)
+            values.append(_energy(model, strained))
+        stress[c, d] = stress[d, c] = (values[0] - values[1]) / (2 * h) / atoms.get_volume()
+    np.testing.assert_allclose(got["stress"][0].detach().numpy(), stress, rtol=1e-6, atol=1e-7 * np.abs(stress).max())
+
+
+def test_force_training_gradients_are_finite_for_reciprocal_heads():
+    model = _energy_model("dual").train()
+    out = energy_forces_stress(model, _batch(_crystals(2)), create_graph=True)
+    loss = out["forces"].abs().sum() + out["stress"].abs().sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert float(model.blocks[0].attention.sigma_weight.grad.abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------- slabs
+def _slab() -> Atoms:
+    atoms = Atoms("MgO", scaled_positions=[[0, 0, 0.5], [0.5, 0.5, 0.55]], cell=[3.0, 3.0, 12.0])
+    atoms.pbc = (True, True, False)
+    return atoms
+
+
+@pytest.mark.parametrize("domain", MIXED)
+def test_slabs_are_refused_by_reciprocal_heads(domain):
+    model = _model(domain)
+    message = r"structure 1 \(MgO\): pbc=\[True, True, False\]; reciprocal-space attention"
+    with pytest.raises(StructureError, match=message):
+        model.predict([_crystals(1)[0], _slab()])
+    with pytest.raises(StructureError, match=r"structure 0 of the batch \(MgO\).*different formula"):
+        model(_batch([_slab()]))
+    assert np.isfinite(_model("real").predict(_slab())).all()  # the real-space sum is right for slabs
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_cli_train_dual_checkpoint_predict_and_calculator(tmp_path):
+    from pathlib import Path
+
+    import ase.io
+    from click.testing import CliRunner
+
+    from ase_crystalformer.calculator import CrystalformerCalculator
+    from ase_crystalformer.checkpoint import load_model, save_checkpoint
+    from ase_crystalformer.cli import main
+
+    fixture = Path(__file__).parent / "fixtures" / "mp_megnet_40.extxyz"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(fixture), "--target", "e_form", "--as-energy", "e_form", "--epochs", "2",
+        "--swa-epochs", "1", "--batch-size", "8", "--blocks", "2", "--cutoff", "7", "--domain", "dual",
+        "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "swa_test: e_form MAE" in result.output
+    model = load_model(out / "best.safetensors")
+    assert model.config.domain == "dual"
+    assert [b.attention.kind for b in model.blocks] == ["dual", "dual"]
+    again = load_model(save_checkpoint(model, tmp_path / "copy.safetensors"))
+    structures = ase.io.read(fixture, index=":3")  # in the training domain
+    np.testing.assert_array_equal(again.predict(structures), model.predict(structures))
+    atoms = structures[0].copy()
+    atoms.calc = CrystalformerCalculator(str(out / "best.safetensors"))
+    assert atoms.get_potential_energy() == pytest.approx(float(model.predict(atoms)[0]) * len(atoms), rel=1e-5)
+    assert np.isfinite(atoms.get_forces()).all() and np.isfinite(atoms.get_stress()).all()
+
+
+def test_routed_gates_start_even_and_learn():
+    model = Crystalformer(replace(TINY, domain="routed"))
+    attention = model.blocks[0].attention
+    assert isinstance(attention, MixedSpaceAttention)
+    q = torch.randn(5, 4, 8)
+    assert torch.equal(attention.route(q), torch.full((5, 4), 0.5))
+    loss = model(_batch(_crystals(2), torch.float32)).sum()
+    loss.backward()
+    assert float(attention.route_bias.grad.abs().sum()) > 0 and float(attention.route_weight.grad.abs().sum()) > 0
