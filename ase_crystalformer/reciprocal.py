@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from ase.data import chemical_symbols
 from ase.formula import Formula
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import PeriodicAttention, WindowGeometry
+from .attention import MAX_SLOTS, PeriodicAttention, WindowGeometry
 from .config import ModelConfig
 from .errors import StructureError
 
@@ -131,14 +133,16 @@ def reciprocal_geometry(batch, config: ModelConfig) -> ReciprocalGeometry:
     return ReciprocalGeometry(crystals, sizes, floor)
 
 
-def log_lattice_sum(sigma2: torch.Tensor, crystal: CrystalWaves, floor: float) -> torch.Tensor:
-    """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (n, H, n), from σ² (n, H)."""
-    n, h = sigma2.shape
+def log_lattice_sum(sigma2: torch.Tensor, crystal: CrystalWaves, floor: float, start: int = 0) -> torch.Tensor:
+    """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (r, H, n), for the query atoms
+    i = start..start+r−1 of the crystal, from their σ² (r, H)."""
+    r, h = sigma2.shape
     k = crystal.k2.shape[0]
-    g = torch.exp(-0.5 * sigma2[..., None] * crystal.k2)  # (n, H, K)
-    at_zero = 1 + 2 * g.sum(-1)  # (n, H): the series at r = 0, where every cosine is 1
-    weighted = (g[:, :, None, :] * crystal.waves.view(n, 1, 2, k)).reshape(n * h, 2 * k)
-    series = 1 + 2 * (weighted @ crystal.waves.T).view(n, h, n)
+    g = torch.exp(-0.5 * sigma2[..., None] * crystal.k2)  # (r, H, K)
+    at_zero = 1 + 2 * g.sum(-1)  # (r, H): the series at r = 0, where every cosine is 1
+    rows = crystal.waves[start : start + r].view(r, 1, 2, k)
+    weighted = (g[:, :, None, :] * rows).reshape(r * h, 2 * k)
+    series = 1 + 2 * (weighted @ crystal.waves.T).view(r, h, -1)
     log_front = 1.5 * torch.log(2 * math.pi * sigma2) - crystal.log_volume + at_zero.log()
     return log_front[..., None] + (series / at_zero[..., None]).clamp_min(floor).log()
 
@@ -148,15 +152,29 @@ def reciprocal_attention(
 ) -> torch.Tensor:
     """Σ_j softmax_j(q_i·k_j/√dh + α_ij) v_j over all atoms j of i's crystal, (N, H, dh).
 
-    q, k, v (N, H, dh); sigma2 (N, H) the heads' σ² in Å².
+    q, k, v (N, H, dh); sigma2 (N, H) the heads' σ² in Å². A large crystal runs in chunks
+    of query atoms, each holding at most ``MAX_SLOTS`` (atom, head, wave) entries, and
+    checkpointed under autograd as the real-space path is: memory stays bounded, though
+    time grows as N_c²·|V|.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
     out = []
     split = [t.split(geom.sizes) for t in (q, k, v, sigma2)]
     for crystal, qc, kc, vc, s2 in zip(geom.crystals, *split):
-        logits = torch.einsum("ihd,jhd->ihj", qc, kc) * scale + log_lattice_sum(s2, crystal, geom.floor)
-        out.append(torch.einsum("ihj,jhd->ihd", logits.softmax(-1), vc))
+        n, h = s2.shape
+        rows = max(1, MAX_SLOTS // max(1, 2 * h * crystal.k2.shape[0]))
+        if n <= rows:
+            out.append(_crystal_rows(qc, kc, vc, s2, crystal, geom.floor, 0, n))
+            continue
+        run = partial(checkpoint, _crystal_rows, use_reentrant=False) if torch.is_grad_enabled() else _crystal_rows
+        out.extend(run(qc, kc, vc, s2, crystal, geom.floor, a, min(a + rows, n)) for a in range(0, n, rows))
     return torch.cat(out)
+
+
+def _crystal_rows(q, k, v, sigma2, crystal: CrystalWaves, floor: float, a: int, b: int) -> torch.Tensor:
+    """``reciprocal_attention`` of one crystal's query atoms a..b−1, (b−a, H, dh)."""
+    logits = torch.einsum("ihd,jhd->ihj", q[a:b], k) / math.sqrt(q.shape[-1])
+    logits = logits + log_lattice_sum(sigma2[a:b], crystal, floor, a)
+    return torch.einsum("ihj,jhd->ihd", logits.softmax(-1), v)
 
 
 def layer_kind(config: ModelConfig, layer: int) -> str:

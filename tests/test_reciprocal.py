@@ -283,3 +283,20 @@ def test_routed_gates_start_even_and_learn():
     loss = model(_batch(_crystals(2), torch.float32)).sum()
     loss.backward()
     assert float(attention.route_bias.grad.abs().sum()) > 0 and float(attention.route_weight.grad.abs().sum()) > 0
+
+
+def test_row_chunks_of_a_crystal_give_the_same_layer_and_gradients(monkeypatch):
+    import ase_crystalformer.reciprocal as reciprocal
+
+    model = _energy_model("reciprocal")
+    atoms = _crystals(1, seed=5)[0].repeat((2, 1, 1))
+    batch = _batch([atoms])
+    whole = energy_forces_stress(model, batch, create_graph=True)
+    loss = whole["forces"].square().sum()
+    (reference_grad,) = torch.autograd.grad(loss, model.blocks[0].attention.sigma_weight)
+    monkeypatch.setattr(reciprocal, "MAX_SLOTS", 1)  # one query atom per chunk
+    chunked = energy_forces_stress(model, batch, create_graph=True)
+    (grad,) = torch.autograd.grad(chunked["forces"].square().sum(), model.blocks[0].attention.sigma_weight)
+    torch.testing.assert_close(chunked["energy"], whole["energy"], rtol=1e-13, atol=0)
+    torch.testing.assert_close(chunked["forces"], whole["forces"], rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-13)
