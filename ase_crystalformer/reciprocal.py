@@ -7,15 +7,15 @@ that lattice sum equals a sum over the reciprocal lattice:
 
 with k_m = 2π m·L⁻ᵀ and r = p_j − p_i. The left side converges fast for narrow Gaussians
 (the real-space heads, σ < 1.98 Å, summed over the window of ``geometry.py``), the right
-side for wide ones: reciprocal heads have σ = s·√ρ > s·√b (s = ``reciprocal_scale``,
-1.556 Å by default) and no upper bound, so they see every atom of the crystal and model
-long-range interactions. They use plain values v_j (no edge encoding β).
+side for wide ones: reciprocal heads have σ = s·√ρ > s·√b = 1.556 Å (s =
+``reciprocal_scale`` = 2.2 Å, b = 0.5) and no upper bound, so they see every atom of the
+crystal and model long-range interactions. They use plain values v_j (no edge encoding β).
 
 **Window.** Every k of the reciprocal lattice with σ_min·|k| ≤ ``KAPPA`` (8, a sphere in
 k-space, found per crystal from its cell), of which one half-space is kept since the cosine
 is even. A dropped term weighs < e^{−KAPPA²/2} = 1.3e-14 of the k = 0 term for any σ ≥
-σ_min, and all dropped terms together (the tail of a 3D Gaussian of width 1/σ beyond
-KAPPA/σ) < 1e-13 of the self pair's lattice sum, which is ≥ 1. The sphere does not depend
+σ_min, and all dropped terms together (about the tail of a 3D Gaussian of width 1/σ beyond
+KAPPA/σ) ~8e-14 of the self pair's lattice sum, which is ≥ 1. The sphere does not depend
 on the cell that describes the crystal, so the sum keeps the model's invariance to
 supercells and basis changes.
 
@@ -28,7 +28,7 @@ precision), i.e. exp(α_ij) ≥ floor·exp(α_ii): a clamped pair keeps a weight
 
 **Cost.** All N_c² pairs of each crystal, through cos(k·(p_j − p_i)) = cos k·p_i cos k·p_j +
 sin k·p_i sin k·p_j: one (N_c·H, 2K) @ (2K, N_c) matmul per crystal and head group,
-O(N_c²·H·K) with K ≈ 1.4·|V|/Å³ for the default σ_min.
+O(N_c²·H·K) with K ≈ 1.15·|V|/Å³ waves for the default σ_min.
 """
 
 from __future__ import annotations

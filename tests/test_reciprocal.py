@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import make_supercell
 from conftest import spread_sigma
 from reference import lattice_gaussian_sum, reference_forward
-from scipy.spatial.transform import Rotation
 from structures_for_tests import random_cell, random_crystal
 
 from ase_crystalformer import Crystalformer, ModelConfig, TargetSpec
