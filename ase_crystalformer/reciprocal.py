@@ -184,6 +184,12 @@ def layer_kind(config: ModelConfig, layer: int) -> str:
     return config.domain
 
 
+def real_space_heads(config: ModelConfig, layer: int) -> int:
+    """Heads of block ``layer`` that sum over the real-space window (and own a W_E)."""
+    h = config.n_heads
+    return {"real": h, "reciprocal": 0, "dual": h // 2, "routed": h}[layer_kind(config, layer)]
+
+
 class MixedSpaceAttention(PeriodicAttention):
     """A periodic attention layer whose heads sum in real space, reciprocal space or both.
 
@@ -194,11 +200,11 @@ class MixedSpaceAttention(PeriodicAttention):
     standardisation that gives ρ is shared by all heads of the layer.
     """
 
-    def __init__(self, config: ModelConfig, kind: str) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__(config)
         h = config.n_heads
-        self.kind = kind
-        self.real_heads = {"real": h, "reciprocal": 0, "dual": h // 2, "routed": h}[kind]
+        self.kind = kind = layer_kind(config, layer)
+        self.real_heads = real_space_heads(config, layer)
         self.reciprocal_scale = config.reciprocal_scale
         if self.real_heads < h:  # W_E only for the real-space heads
             self.rbf_proj = (
@@ -241,7 +247,7 @@ def attention_for(config: ModelConfig, layer: int) -> nn.Module:
     """The attention module of block ``layer``: the plain real-space layer in the real domain."""
     if config.domain == "real":
         return PeriodicAttention(config)
-    return MixedSpaceAttention(config, layer_kind(config, layer))
+    return MixedSpaceAttention(config, layer)
 
 
 def uses_real_window(config: ModelConfig) -> bool:
