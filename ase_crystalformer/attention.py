@@ -301,6 +301,14 @@ class PeriodicAttention(nn.Module):
 
     def gamma(self, q: torch.Tensor) -> torch.Tensor:
         """γ = −ρ/(2 r0²) from the queries (N, H, dh); returns (N, H)."""
+        return -self.rho(q) / (2 * self.r0**2)
+
+    def rho(self, q: torch.Tensor) -> torch.Tensor:
+        """ρ ∈ (b, ∞) per atom and head (N, H), from q·w under the frozen standardisation.
+
+        Real-space heads use σ = r0/√ρ, reciprocal ones σ = s·√ρ (``reciprocal.py``); in a
+        layer with both kinds the standardisation is shared by all heads.
+        """
         s = (q * self.sigma_weight).sum(-1)  # (N, H)
         if self.training and not bool(self.sigma_ready):
             with torch.no_grad():
@@ -309,8 +317,7 @@ class PeriodicAttention(nn.Module):
                 self.sigma_ready.fill_(True)
         x = (s - self.sigma_shift) * self.sigma_scale
         b = self.rho_lower_bound
-        rho = (1 - b) * F.elu(self.rho_slope * x / (1 - b)) + 1
-        return -rho / (2 * self.r0**2)
+        return (1 - b) * F.elu(self.rho_slope * x / (1 - b)) + 1
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x.shape[0]
@@ -321,12 +328,19 @@ class PeriodicAttention(nn.Module):
         """x (N, d) → (N, d)."""
         n = x.shape[0]
         q, k, v = self._project(x)  # (N, H, dh) each
-        values, mixed = window_attention(q, k, v, self.gamma(q), geom)
+        return self.out_proj(self.real_values(q, k, v, self.gamma(q), geom).reshape(n, -1))
+
+    def real_values(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, geom: WindowGeometry
+    ) -> torch.Tensor:
+        """Head outputs Σ_j a_ij (v_j + β_ij) (N, h, dh) of the real-space heads given in q, k, v
+        (the first h heads, h ≤ H: ``rbf_proj`` holds W_E of exactly those)."""
+        values, mixed = window_attention(q, k, v, gamma, geom)
         if self.rbf_proj is not None:
-            # Σ_j a_ij β_ij = W_E Σ w b, per head: (H, N, K) @ (H, K, dh)
+            # Σ_j a_ij β_ij = W_E Σ w b, per head: (h, N, K) @ (h, K, dh)
             beta = torch.bmm(mixed.transpose(0, 1), self.rbf_proj.transpose(1, 2))
             values = values + beta.transpose(0, 1)
-        return self.out_proj(values.reshape(n, -1))
+        return values
 
     def encodings(
         self, x: torch.Tensor, geom: WindowGeometry

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from .config import MAX_ATOMIC_NUMBER, ModelConfig
 from .errors import CheckpointError
 from .model import Crystalformer
+from .reciprocal import layer_kind, real_space_heads
 
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
@@ -81,8 +82,11 @@ def expected_layout(config: ModelConfig) -> Layout:
     for b in range(config.n_blocks):
         attn, ffn = f"blocks.{b}.attention.", f"blocks.{b}.ffn."
         layout[attn + "sigma_weight"] = (f32, (h, dh))
-        if config.n_rbf:
-            layout[attn + "rbf_proj"] = (f32, (h, dh, config.n_rbf))
+        real_heads = real_space_heads(config, b)  # W_E exists for the real-space heads only
+        if config.n_rbf and real_heads:
+            layout[attn + "rbf_proj"] = (f32, (real_heads, dh, config.n_rbf))
+        if layer_kind(config, b) == "routed":
+            layout[attn + "route_weight"], layout[attn + "route_bias"] = (f32, (h, dh)), (f32, (h,))
         layout[attn + "sigma_shift"] = (f32, ())
         layout[attn + "sigma_scale"] = (f32, ())
         layout[attn + "sigma_ready"] = (torch.bool, ())

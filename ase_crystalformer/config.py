@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 Activation = Literal["relu", "gelu", "silu"]
 Transform = Literal["none", "log10"]
+#: Where each attention head sums its Gaussian over periodic images (``reciprocal.py``).
+Domain = Literal["real", "reciprocal", "alternating", "dual", "routed"]
+DOMAINS: tuple[str, ...] = ("real", "reciprocal", "alternating", "dual", "routed")
 
 #: Elements with a learned embedding: Z = 1 (H) ... 98 (Cf), as in the paper's one-hot.
 MAX_ATOMIC_NUMBER = 98
@@ -77,6 +80,12 @@ class ModelConfig:
     exp(-d²/2σ²) with σ < r0/√b = 1.98 Å, so an image outside the window weighs less than
     exp(-cutoff²/(2·1.98²)) relative to the self image (2.9e-6 at 10 Å). See
     ``docs/ARCHITECTURE.md`` for the bound on the whole tail.
+
+    ``domain`` chooses real-space heads (the paper's model), reciprocal-space heads that sum
+    wide Gaussians σ = reciprocal_scale·√ρ > reciprocal_scale·√b exactly as a Fourier series
+    over all atoms of the crystal, or a mix: ``"alternating"`` layers (even layers real),
+    ``"dual"`` (in every layer the first half of the heads real, the rest reciprocal) and
+    ``"routed"`` (every head both, mixed by a learned per-atom gate). See ``reciprocal.py``.
     """
 
     n_blocks: int = 4
@@ -91,6 +100,8 @@ class ModelConfig:
     rho_slope: float = 0.1
     cutoff: float = 10.0
     activation: Activation = "relu"
+    domain: Domain = "real"
+    reciprocal_scale: float = 2.2
     targets: tuple[TargetSpec, ...] = field(default_factory=lambda: (TargetSpec("target"),))
 
     def __post_init__(self) -> None:
@@ -114,6 +125,14 @@ class ModelConfig:
                 f"cutoff={self.cutoff} Å is below 3.5·σ_max = {3.5 * self.sigma_max:.2f} Å, "
                 "the paper's own truncation; the window would cut off real attention weight"
             )
+        if self.domain not in DOMAINS:
+            raise ValueError(f"unknown domain {self.domain!r}; use one of {', '.join(DOMAINS)}")
+        if self.domain == "dual" and self.n_heads % 2:
+            raise ValueError(f"domain 'dual' splits the heads in half; n_heads={self.n_heads} is odd")
+        if self.domain == "alternating" and self.n_blocks < 2:
+            raise ValueError("domain 'alternating' needs n_blocks >= 2 (odd layers are the reciprocal ones)")
+        if self.reciprocal_scale <= 0:
+            raise ValueError(f"reciprocal_scale must be positive, got {self.reciprocal_scale}")
         if self.activation not in ("relu", "gelu", "silu"):
             raise ValueError(f"unknown activation {self.activation!r}; use relu, gelu or silu")
         if not isinstance(self.targets, tuple) or not all(isinstance(t, TargetSpec) for t in self.targets):
@@ -132,6 +151,11 @@ class ModelConfig:
     def sigma_max(self) -> float:
         """Upper bound of the learned Gaussian width σ = r0/√ρ, ρ > b (Å)."""
         return self.r0 / math.sqrt(self.rho_lower_bound)
+
+    @property
+    def reciprocal_sigma_min(self) -> float:
+        """Lower bound of the reciprocal heads' width σ = reciprocal_scale·√ρ, ρ > b (Å)."""
+        return self.reciprocal_scale * math.sqrt(self.rho_lower_bound)
 
     @property
     def target_names(self) -> list[str]:

@@ -46,6 +46,7 @@ class Window:
     pair: np.ndarray  # (T,)
     pair_i: np.ndarray  # (P,)
     pair_j: np.ndarray  # (P,)
+    pbc: np.ndarray  # (3,) bool, periodic axes (reciprocal-space heads need all three)
 
     @property
     def n_atoms(self) -> int:
@@ -156,6 +157,7 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
         pair=pair.reshape(-1).astype(np.int32),
         pair_i=(keys // n).astype(np.int32),
         pair_j=(keys % n).astype(np.int32),
+        pbc=np.array(atoms.pbc, dtype=bool),
     )
 
 
@@ -178,6 +180,7 @@ class Batch:
     pair: torch.Tensor  # (N, M) long, index into pair_i/pair_j
     pair_i: torch.Tensor  # (P,) long
     pair_j: torch.Tensor  # (P,) long
+    pbc: torch.Tensor  # (B, 3) bool
 
     @property
     def n_crystals(self) -> int:
@@ -232,6 +235,7 @@ def collate(windows: Sequence[Window], dtype: torch.dtype = torch.float32) -> Ba
         pair=torch.from_numpy(pad_pair),
         pair_i=torch.from_numpy(stack("pair_i", atom_offset)),
         pair_j=torch.from_numpy(stack("pair_j", atom_offset)),
+        pbc=torch.from_numpy(np.stack([w.pbc for w in windows])),
     )
 
 

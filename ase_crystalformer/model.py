@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import MAX_SLOTS, GaussianBasis, PeriodicAttention, WindowGeometry, row_layout
+from .attention import MAX_SLOTS, GaussianBasis, WindowGeometry, row_layout
 from .config import MAX_ATOMIC_NUMBER, ModelConfig
 from .domain import warn_outside
 from .geometry import Batch, collate, image_vectors, windows_for
-from .structures import as_atoms_list, check_all, primitive_cell
+from .reciprocal import SpaceGeometry, attention_for, check_periodic, reciprocal_geometry, uses_real_window
+from .structures import as_atoms_list, check_all, describe, primitive_cell
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -27,16 +28,16 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 class Block(nn.Module):
     """Post-norm Transformer block with the norms removed (T-Fixup): x + MHA, then x + FFN."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.attention = PeriodicAttention(config)
+        self.attention = attention_for(config, layer)
         self.ffn = nn.Sequential(
             nn.Linear(config.d_model, config.d_ff),
             _ACTIVATIONS[config.activation](),
             nn.Linear(config.d_ff, config.d_model),
         )
 
-    def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, geom: WindowGeometry | SpaceGeometry) -> torch.Tensor:
         x = x + self.attention(x, geom)
         return x + self.ffn(x)
 
@@ -54,7 +55,7 @@ class Crystalformer(nn.Module):
         self.config = config = config or ModelConfig()
         n_targets = len(config.targets)
         self.embedding = nn.Embedding(MAX_ATOMIC_NUMBER, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_blocks))
         self.head = nn.Sequential(
             nn.Linear(config.d_model, config.d_head_mlp),
             _ACTIVATIONS[config.activation](),
@@ -94,8 +95,16 @@ class Crystalformer(nn.Module):
                     layer.weight.mul_(scale)
 
     # ----------------------------------------------------------------------------- forward
-    def geometry(self, batch: Batch) -> WindowGeometry:
-        """Distances and radial bases of the window, shared by all blocks and heads."""
+    def geometry(self, batch: Batch) -> WindowGeometry | SpaceGeometry:
+        """What the blocks need, shared by all blocks and heads: the window's distances and
+        radial bases, and for the other domains the reciprocal plane waves too."""
+        if self.config.domain == "real":
+            return self.window_geometry(batch)
+        real = self.window_geometry(batch) if uses_real_window(self.config) else None
+        return SpaceGeometry(real, reciprocal_geometry(batch, self.config))
+
+    def window_geometry(self, batch: Batch) -> WindowGeometry:
+        """Distances and radial bases of the real-space window."""
         r = image_vectors(batch)  # (N, M, 3)
         d2 = (r * r).sum(-1)  # (N, M)
         if d2.is_cuda:  # the Triton kernels read one whole (N, M, K) basis tensor
@@ -170,6 +179,7 @@ class Crystalformer(nn.Module):
         if primitive:
             check_all(atoms_list)
             atoms_list = [primitive_cell(a) for a in atoms_list]
+        check_periodic(self.config, atoms_list, (describe(a, i) for i, a in enumerate(atoms_list)))
         windows = windows_for(atoms_list, self.config.cutoff)
         name, domain = self.metadata.get("name", "model"), self.metadata.get("domain")
         warn_outside(name, domain, enumerate(a.numbers for a in atoms_list), len(atoms_list))

@@ -15,6 +15,7 @@ from ase import Atoms
 
 from ase_crystalformer.attention import PeriodicAttention
 from ase_crystalformer.model import Crystalformer
+from ase_crystalformer.reciprocal import MixedSpaceAttention
 
 
 def box_images(atoms: Atoms, radius: float) -> torch.Tensor:
@@ -44,35 +45,93 @@ def reference_attention(
     ``extra_distance`` (N, N, W) is added to d² in the Gaussian only: 1e6 there removes an
     image, which lets the tests restrict the reference to the package's window.
     """
+    n = x.shape[0]
+    q, k, v = _projections(attn, x)
+    d2 = _image_d2(positions, cell, images) + extra_distance
+    out, alpha, beta = _heads(q, k, v, attn.gamma(q), d2, attn.rbf_proj)
+    return attn.out_proj(out.reshape(n, -1)), alpha, beta
+
+
+def _projections(attn, x):
     n, h, dh = x.shape[0], attn.n_heads, attn.d_head
-    q = attn.q_proj(x).view(n, h, dh)
-    k = attn.k_proj(x).view(n, h, dh)
-    v = attn.v_proj(x).view(n, h, dh)
-    gamma = attn.gamma(q)  # (N, H)
+    return (attn.q_proj(x).view(n, h, dh), attn.k_proj(x).view(n, h, dh), attn.v_proj(x).view(n, h, dh))
+
+
+def _image_d2(positions, cell, images):
     r = positions[None, :, None, :] - positions[:, None, None, :] + (images @ cell)[None, None]  # (N, N, W, 3)
-    d2 = (r * r).sum(-1)  # (N, N, W)
-    logits = gamma[:, None, None, :] * (d2 + extra_distance)[..., None]  # (N, N, W, H)
+    return (r * r).sum(-1)  # (N, N, W)
+
+
+def _heads(q, k, v, gamma, d2, rbf_proj):
+    """Head outputs (N, h, dh), α (N, N, h), β: attention with α = log Σ_W exp(γ_i d²)."""
+    n, h, dh = q.shape
+    logits = gamma[:, None, None, :] * d2[..., None]  # (N, N, W, H)
     alpha = torch.logsumexp(logits, dim=2)  # (N, N, H)
     beta = None
     values = v[None].expand(n, n, h, dh)  # (N, N, H, dh) v_j
-    if attn.rbf_proj is not None:
+    if rbf_proj is not None:
         pi = torch.exp(logits - alpha[:, :, None, :])  # (N, N, W, H)
-        k_rbf = attn.rbf_proj.shape[-1]
+        k_rbf = rbf_proj.shape[-1]
         width = 14.0 / k_rbf
-        centers = torch.arange(1, k_rbf + 1, dtype=x.dtype) * width
+        centers = torch.arange(1, k_rbf + 1, dtype=q.dtype) * width
         dist = torch.sqrt(d2.clamp_min(1e-30))
         b = torch.exp(-0.5 * ((dist[..., None] - centers) / width) ** 2)  # (N, N, W, K)
         bbar = torch.einsum("ijwh,ijwk->ijhk", pi, b)
-        beta = torch.einsum("ijhk,hdk->ijhd", bbar, attn.rbf_proj)
+        beta = torch.einsum("ijhk,hdk->ijhd", bbar, rbf_proj)
         values = values + beta
     score = torch.einsum("ihd,jhd->ijh", q, k) / math.sqrt(dh) + alpha  # (N, N, H)
     a = torch.softmax(score, dim=1)
-    out = torch.einsum("ijh,ijhd->ihd", a, values).reshape(n, -1)
-    return attn.out_proj(out), alpha, beta
+    return torch.einsum("ijh,ijhd->ihd", a, values), alpha, beta
 
 
-def reference_forward(model: Crystalformer, atoms: Atoms, radius: float = 22.0, positions=None, cell=None) -> torch.Tensor:
-    """Normalised outputs (T,) of ``model`` on one crystal, via ``reference_attention``."""
+def lattice_gaussian_sum(r: torch.Tensor, cell: np.ndarray, sigma: torch.Tensor, radius: float) -> torch.Tensor:
+    """Σ_n exp(−|r + nL|²/2σ²) in real space over every image of a box holding a sphere of
+    ``radius`` around each r, for displacements r (..., 3) and widths σ (...)."""
+    lattice = torch.as_tensor(np.asarray(cell), dtype=r.dtype)
+    frac = r @ torch.linalg.inv(lattice)
+    r = (frac - torch.floor(frac)) @ lattice  # the same sum; inside the cell, as the box assumes
+    images = box_images(Atoms(cell=cell, pbc=True), radius).to(r.dtype)
+    d2 = ((r[..., None, :] + images @ lattice) ** 2).sum(-1)  # (..., W)
+    return torch.exp(-d2 / (2 * sigma[..., None] ** 2)).sum(-1)
+
+
+def reference_mixed_attention(attn, x, positions, cell, images, wide_radius: float) -> torch.Tensor:
+    """Layer output (N, d) of a ``reciprocal.MixedSpaceAttention`` layer for one crystal.
+
+    Real-space heads as ``reference_attention`` over ``images``; reciprocal heads are the same
+    attention without β and with width σ = s·√ρ, summed in *real space* over every image
+    within ``wide_radius`` (at least 8σ of the widest head, checked).
+    """
+    n, hr = x.shape[0], attn.real_heads
+    q, k, v = _projections(attn, x)
+    rho = attn.rho(q)
+    sigma_wide = attn.reciprocal_scale * rho.sqrt()
+    assert wide_radius >= 8 * float(sigma_wide.detach().max()), "wide_radius too small for the widest head"
+    wide_images = box_images(Atoms(cell=np.asarray(cell.detach()), pbc=True), wide_radius).to(x.dtype)
+    wide_d2 = _image_d2(positions, cell, wide_images)
+    real_gamma = -rho / (2 * attn.r0**2)
+    wide_gamma = -1 / (2 * sigma_wide**2)
+    d2 = _image_d2(positions, cell, images)
+    if attn.kind == "real":
+        out = _heads(q, k, v, real_gamma, d2, attn.rbf_proj)[0]
+    elif attn.kind == "reciprocal":
+        out = _heads(q, k, v, wide_gamma, wide_d2, None)[0]
+    elif attn.kind == "dual":
+        real = _heads(q[:, :hr], k[:, :hr], v[:, :hr], real_gamma[:, :hr], d2, attn.rbf_proj)[0]
+        wide = _heads(q[:, hr:], k[:, hr:], v[:, hr:], wide_gamma[:, hr:], wide_d2, None)[0]
+        out = torch.cat([real, wide], 1)
+    else:  # routed
+        g = attn.route(q)[..., None]
+        real = _heads(q, k, v, real_gamma, d2, attn.rbf_proj)[0]
+        out = g * real + (1 - g) * _heads(q, k, v, wide_gamma, wide_d2, None)[0]
+    return attn.out_proj(out.reshape(n, -1))
+
+
+def reference_forward(
+    model: Crystalformer, atoms: Atoms, radius: float = 22.0, positions=None, cell=None, wide_radius: float = 60.0
+) -> torch.Tensor:
+    """Normalised outputs (T,) of ``model`` on one crystal, via ``reference_attention`` (and
+    ``reference_mixed_attention`` with images up to ``wide_radius`` for reciprocal heads)."""
     dtype = model.dtype
     if positions is None:
         positions = torch.tensor(atoms.positions, dtype=dtype)
@@ -81,6 +140,9 @@ def reference_forward(model: Crystalformer, atoms: Atoms, radius: float = 22.0, 
     images = box_images(atoms, radius).to(dtype)
     x = model.embedding(torch.tensor(atoms.numbers) - 1)
     for block in model.blocks:
-        x = x + reference_attention(block.attention, x, positions, cell, images)[0]
+        if isinstance(block.attention, MixedSpaceAttention):
+            x = x + reference_mixed_attention(block.attention, x, positions, cell, images, wide_radius)
+        else:
+            x = x + reference_attention(block.attention, x, positions, cell, images)[0]
         x = x + block.ffn(x)
     return model.head(x.mean(0))

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ase_crystalformer import CheckpointError, Crystalformer, ModelConfig, TargetSpec
+from ase_crystalformer.config import DOMAINS
 from ase_crystalformer.checkpoint import (
     DIGEST_KEY,
     MODELS_ENV,
@@ -164,6 +165,7 @@ def test_cli_models_lists_targets_units_and_test_mae(tmp_path, monkeypatch):
     ModelConfig(n_blocks=2, d_model=24, n_heads=3, d_ff=40, d_head_mlp=16, n_rbf=0,
                 targets=(TargetSpec("a"), TargetSpec("b", kind="energy"))),
     ModelConfig(),
+    *(ModelConfig(n_blocks=2, d_model=32, n_heads=4, d_ff=48, domain=domain) for domain in DOMAINS),
 ])
 def test_expected_layout_is_the_models_state_dict(config):
     """The layout checked before building must be exactly what the model builds."""
