@@ -5,21 +5,43 @@ is the wrong shape for a torch model (every worker would load the model and run 
 1). This featurizer pins ``n_jobs`` to 1 and batches on the model's device instead, while
 keeping matminer's ``ignore_errors``/``return_errors`` behaviour entry by entry.
 
-A ``MultipleFeaturizer`` (``iterate_over_entries=True``, its default) does not call its
-members' ``featurize_many``: it forks its own pool (``n_jobs`` = all cores) and calls each
-member's ``featurize`` once per entry in the workers. A forked child of a process whose
-torch already ran OpenMP threads hangs at its first parallel region, so in a forked process
-this featurizer runs torch on one thread (as torch's own DataLoader workers do); the pool
-supplies the parallelism. ``MultipleFeaturizer(..., iterate_over_entries=False)`` calls
-``featurize_many`` of each member instead, which keeps this featurizer batched.
+What is batched when:
+
+* this featurizer's own ``featurize_many``, ``featurize_dataframe``, ``transform`` and
+  ``fit_featurize_dataframe``: batched.
+* ``MultipleFeaturizer`` with ``iterate_over_entries=True`` (its default) does not call its
+  members' ``featurize_many``: it forks its own pool (``n_jobs`` = all cores) and calls each
+  member's ``featurize`` once per entry in the workers, and the entries reach no member
+  before that. So ``featurize_dataframe`` alone runs the model per entry in matminer's
+  pool. ``fit_featurize_dataframe``, or ``fit`` then ``featurize_dataframe``, is batched:
+  ``MultipleFeaturizer.fit`` calls this featurizer's ``fit``, which computes the features
+  of all entries in batches and keeps them (``features_``); the workers, forked later,
+  inherit them and run no model for a kept structure.
+* ``MultipleFeaturizer(..., iterate_over_entries=False)`` calls each member's
+  ``featurize_many``: batched, with or without ``fit``.
+
+Kept features stay in this process and the processes it forks: pickling the featurizer
+carries only a token for them, because matminer's pool pickles the featurizer again with
+every chunk of 10 entries (the features themselves would cost time quadratic in the number
+of entries). Where workers are not forked (the spawn or forkserver start methods: Windows,
+macOS, Linux from Python 3.14) they find nothing kept and compute per entry: the same
+values, unbatched.
+
+A forked child of a process whose torch already ran OpenMP threads hangs at its first
+parallel region, so in a forked process this featurizer runs torch on one thread (as
+torch's own DataLoader workers do); the pool supplies the parallelism.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import traceback
+import uuid
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -60,11 +82,29 @@ if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
     os.register_at_fork(after_in_child=_mark_forked)
 
 Mode = Literal["embedding", "predictions", "both"]
+_SETTINGS = ("model", "mode", "device")  # what the features depend on (batch_size does not)
 _SKIP_HINT = (
     "\nTO SKIP THESE ERRORS when featurizing specific compounds, set 'ignore_errors=True' "
     "when running the batch featurize() operation (e.g., featurize_many(), "
     "featurize_dataframe(), etc.)."
 )
+
+
+@dataclass(frozen=True, eq=False)
+class KeptFeatures:
+    """Features computed by ``CrystalformerFeaturizer.fit``, by structure fingerprint."""
+
+    rows: dict[bytes, int]  # fingerprint -> row of values
+    values: np.ndarray  # (kept structures, features), float64
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def get(self, key: bytes) -> list[float] | None:
+        row = self.rows.get(key)
+        return None if row is None else self.values[row].tolist()
+
+
+# token -> kept features, for featurizers unpickled in a forked worker (module docstring)
+_KEPT: weakref.WeakValueDictionary[str, KeptFeatures] = weakref.WeakValueDictionary()
 
 
 class CrystalformerFeaturizer(BaseFeaturizer):
@@ -85,6 +125,17 @@ class CrystalformerFeaturizer(BaseFeaturizer):
 
     The embedding is a fixed transfer-learning feature: its quality for a property the
     model was not trained on is an empirical question (``examples/featurize_and_fit.py``).
+
+    ``featurize_many``/``featurize_dataframe`` batch. ``fit(X)`` computes the features of
+    all of ``X`` in batches and keeps them in ``features_``; afterwards any call returns the
+    kept features of a structure with the same atomic numbers, positions, cell and pbc
+    without running the model. That is what batches ``MultipleFeaturizer``'s
+    ``fit_featurize_dataframe`` (or ``fit`` then ``featurize_dataframe``), whose pool calls
+    ``featurize`` once per entry; its ``featurize_dataframe`` without ``fit`` runs the model
+    per entry in the pool, unless ``iterate_over_entries=False``. Entries that fail are not
+    kept, so they fail as they would without ``fit``. Assigning ``model``, ``mode`` or
+    ``device`` (``set_params``) drops the kept features; so refit after changing a model's
+    weights in place.
     """
 
     def __init__(
@@ -119,10 +170,25 @@ class CrystalformerFeaturizer(BaseFeaturizer):
             self._loaded = (self.model, self.device, model)
         return self._loaded[2]
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SETTINGS:  # set_params assigns: the kept features are for the old settings
+            self.__dict__.pop("features_", None)
+        super().__setattr__(name, value)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # keeps sklearn's version stamp
         state["_loaded"] = None  # reload in the receiving process instead of pickling weights
+        if "features_" in state:  # a token, not the features (module docstring)
+            state["features_"] = state["features_"].token
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        token = state.pop("features_", None)
+        super().__setstate__(state)
+        kept = _KEPT.get(token) if token is not None else None
+        if kept is not None:  # in this process or one forked from it
+            self.__dict__["features_"] = kept
 
     # ------------------------------------------------------------------ matminer contract
     def set_n_jobs(self, n_jobs: int) -> None:
@@ -144,8 +210,38 @@ class CrystalformerFeaturizer(BaseFeaturizer):
             return False
         return True
 
+    def fit(
+        self, X: Any, y: Any = None, pbar: bool | dict[str, Any] = True, **fit_kwargs: Any
+    ) -> CrystalformerFeaturizer:
+        """Compute the features of all entries of ``X`` in batches and keep them (``features_``).
+
+        ``X`` takes the forms ``featurize_many`` takes; ``y`` is ignored. Entries that fail
+        are not kept (they fail again, unchanged, when featurized); other errors (the model
+        cannot be loaded) raise here.
+        """
+        self.__dict__.pop("features_", None)  # refit from scratch, not from the old ones
+        rows = _rows(X)
+        values = self._featurize_rows(rows, ignore_errors=True, return_errors=True, pbar=pbar)
+        keys: dict[bytes, int] = {}
+        kept: list[list[float]] = []
+        for row, features in zip(rows, values):
+            key = None if isinstance(features[-1], str) else _fingerprint(row)
+            if key is not None and key not in keys:
+                keys[key] = len(kept)
+                kept.append(features[:-1])
+        shape = (len(kept), len(self.feature_labels()))
+        self.features_ = KeptFeatures(keys, np.array(kept, dtype=np.float64).reshape(shape))
+        _KEPT[self.features_.token] = self.features_
+        return self
+
     def featurize(self, x: Any) -> list[float]:
-        """Features of one structure; raises the structure's own error if it cannot be taken."""
+        """Features of one structure; raises the structure's own error if it cannot be taken.
+
+        A structure kept by ``fit`` is answered without loading or running the model.
+        """
+        kept = self._kept((x,))
+        if kept is not None:
+            return kept
         return self._featurize_rows([(x,)], ignore_errors=False, return_errors=False, hint=False)[0]
 
     def feature_labels(self) -> list[str]:
@@ -179,16 +275,9 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         """
         if return_errors and not ignore_errors:
             raise ValueError("Please set ignore_errors to True to use return_errors.")
-        if not isinstance(entries, (tuple, list, np.ndarray, pd.Series, pd.DataFrame)):
-            raise TypeError("'entries' must be a list-like object")
-        if len(entries) == 0:
+        rows = _rows(entries)
+        if not rows:
             return []
-        if isinstance(entries, pd.DataFrame):
-            rows = [tuple(r) for r in entries.values]
-        elif isinstance(entries, pd.Series) or not isinstance(entries[0], (tuple, list, np.ndarray)):
-            rows = [(e,) for e in entries]
-        else:
-            rows = [tuple(e) for e in entries]
         return self._featurize_rows(rows, ignore_errors, return_errors, pbar)
 
     # ------------------------------------------------------------------------- internals
@@ -203,7 +292,8 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         """Features of each row, in order; failures handled as in matminer's wrapper.
 
         Unlike matminer (which catches ``BaseException``), only ``Exception`` is treated as
-        a failed entry, so Ctrl-C still stops a long run.
+        a failed entry, so Ctrl-C still stops a long run. Structures kept by ``fit`` are
+        not recomputed (nor checked against the model's domain again: ``fit`` did that).
         """
         model = self._get_model()
         n_labels = len(self.feature_labels())
@@ -239,6 +329,10 @@ class CrystalformerFeaturizer(BaseFeaturizer):
                 chunk = range(start, min(start + self.batch_size, len(rows)))
                 indices, windows = [], []
                 for index in chunk:
+                    kept = self._kept(rows[index])
+                    if kept is not None:
+                        out[index] = kept + [float("nan")] if return_errors else kept
+                        continue
                     try:
                         windows.append(self._window(rows[index], model, index))
                     except Exception as err:  # noqa: BLE001 - recorded per entry, as matminer
@@ -255,6 +349,14 @@ class CrystalformerFeaturizer(BaseFeaturizer):
                 progress.close()
         warn_outside(model.metadata.get("name", "model"), model.metadata.get("domain"), seen, len(rows))
         return out
+
+    def _kept(self, row: tuple[Any, ...]) -> list[float] | None:
+        """The features ``fit`` kept for this entry's structure, or None."""
+        kept: KeptFeatures | None = self.__dict__.get("features_")
+        if kept is None:
+            return None
+        key = _fingerprint(row)
+        return None if key is None else kept.get(key)
 
     def _window(self, row: tuple[Any, ...], model: Crystalformer, index: int) -> Any:
         if len(row) != 1:
@@ -273,6 +375,40 @@ class CrystalformerFeaturizer(BaseFeaturizer):
                 parts.append(model.targets(model.head(emb)))  # (B, T)
             values = torch.cat(parts, dim=1).to("cpu", torch.float64).numpy()
         return [row.tolist() for row in values]
+
+
+def _rows(entries: Any) -> list[tuple[Any, ...]]:
+    """matminer's entry forms (list-like of inputs or of input tuples, or a DataFrame) as tuples."""
+    if not isinstance(entries, (tuple, list, np.ndarray, pd.Series, pd.DataFrame)):
+        raise TypeError("'entries' must be a list-like object")
+    if len(entries) == 0:
+        return []
+    if isinstance(entries, pd.DataFrame):
+        return [tuple(r) for r in entries.values]
+    if isinstance(entries, pd.Series) or not isinstance(entries[0], (tuple, list, np.ndarray)):
+        return [(e,) for e in entries]
+    return [tuple(e) for e in entries]
+
+
+def _fingerprint(row: tuple[Any, ...]) -> bytes | None:
+    """SHA-256 of an entry's atomic numbers, positions, cell and pbc; None if it fails the checks.
+
+    After ``check_atoms`` (which also reads the occupancies), those arrays are all the
+    window and the model read, so equal fingerprints mean equal features. An entry that
+    fails gets None and takes the normal path, which raises its own error.
+    """
+    if len(row) != 1:
+        return None
+    try:
+        atoms = to_atoms(row[0])
+        check_atoms(atoms, "structure")
+    except Exception:  # noqa: BLE001 - the normal path reports it
+        return None
+    digest = hashlib.sha256()
+    for part in (atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64),
+                 np.asarray(atoms.cell, dtype=np.float64), np.asarray(atoms.pbc, dtype=bool)):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.digest()
 
 
 def _reraise(err: BaseException) -> None:

@@ -202,10 +202,10 @@ print("OK", out.shape)
 """
 
 
-def test_multiple_featurizer_at_matminer_defaults_finishes(tmp_path) -> None:
-    """matminer forks a pool per MultipleFeaturizer; a forked worker must not hang in torch.
+def _run_forking_script(tmp_path, text: str) -> str:
+    """Run ``text`` in a fresh interpreter (matminer's pools fork it) and return its stdout.
 
-    On the old code this hung forever, so it runs in a subprocess with a timeout.
+    A hang (the old code's failure) is killed after 120 s, the pool's workers with it.
     """
     import os
     import signal
@@ -213,8 +213,8 @@ def test_multiple_featurizer_at_matminer_defaults_finishes(tmp_path) -> None:
     import sys
     from pathlib import Path
 
-    script = tmp_path / "multiple.py"
-    script.write_text(_MULTIPLE_AT_DEFAULTS)
+    script = tmp_path / "script.py"
+    script.write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}  # the suite may run with 1, which hides the hang
     with subprocess.Popen(
         [sys.executable, str(script), str(Path(__file__).parent)], stdout=subprocess.PIPE,
@@ -226,7 +226,12 @@ def test_multiple_featurizer_at_matminer_defaults_finishes(tmp_path) -> None:
             os.killpg(done.pid, signal.SIGKILL)  # the pool's workers too, not just the parent
             pytest.fail("MultipleFeaturizer with CrystalformerFeaturizer hung for 120 s")
     assert done.returncode == 0, stderr
-    assert stdout.strip() == "OK (12, 20)"
+    return stdout.strip()
+
+
+def test_multiple_featurizer_at_matminer_defaults_finishes(tmp_path) -> None:
+    """matminer forks a pool per MultipleFeaturizer; a forked worker must not hang in torch."""
+    assert _run_forking_script(tmp_path, _MULTIPLE_AT_DEFAULTS) == "OK (12, 20)"
 
 
 def test_multiple_featurizer_over_featurizers_stays_batched(model, frame, monkeypatch) -> None:
@@ -246,3 +251,157 @@ def test_multiple_featurizer_over_featurizers_stays_batched(model, frame, monkey
     with torch.no_grad():
         expected = model.embed(model.make_batch(good)).numpy()
     np.testing.assert_allclose(np.array(out)[:, 3:], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_keeps_the_features_and_featurize_answers_from_them(model, frame, monkeypatch) -> None:
+    feat = CrystalformerFeaturizer(model, mode="both", device="cpu", batch_size=2)
+    sizes: list[int] = []
+    run = feat._run
+    monkeypatch.setattr(feat, "_run", lambda m, windows: sizes.append(len(windows)) or run(m, windows))
+    assert feat.fit(frame.structure, pbar=False) is feat
+    assert sizes == [2, 1]  # rows 0 and 1, then row 3 (row 2 fails in its window)
+    assert len(feat.features_.rows) == 3
+
+    fresh = CrystalformerFeaturizer(model, mode="both", device="cpu", batch_size=2)
+    expected = fresh.featurize_many(frame.structure, ignore_errors=True, return_errors=True, pbar=False)
+    fitted = feat.featurize_many(frame.structure, ignore_errors=True, return_errors=True, pbar=False)
+    assert sizes == [2, 1]  # nothing recomputed
+    for i in (0, 1, 3):
+        assert fitted[i][:-1] == expected[i][:-1] and np.isnan(fitted[i][-1])  # the same batches: bit for bit
+    assert np.isnan(fitted[2][:-1]).all() and fitted[2][-1] == expected[2][-1]  # the same traceback text
+
+    def no_model() -> None:
+        raise AssertionError("a kept structure loaded the model")
+
+    monkeypatch.setattr(feat, "_get_model", no_model)
+    equal_copy = AseAtomsAdaptor.get_atoms(frame.structure[0])  # another object, the same structure
+    assert feat.featurize(equal_copy) == expected[0][:-1]
+    np.testing.assert_allclose(feat.featurize(frame.structure[1]), fresh.featurize(frame.structure[1]),
+                               rtol=1e-5, atol=1e-6)  # one by one differs by float32 rounding only
+    monkeypatch.undo()
+
+    sizes.clear()
+    monkeypatch.setattr(feat, "_run", lambda m, windows: sizes.append(len(windows)) or run(m, windows))
+    moved = equal_copy.copy()
+    moved.positions[0, 0] += 1e-3
+    np.testing.assert_allclose(feat.featurize(moved), fresh.featurize(moved), rtol=1e-5, atol=1e-6)
+    assert sizes == [1]  # a miss runs the model
+
+    # Errors are the structure's own, with or without fit.
+    for f in (feat, fresh):
+        with pytest.raises(StructureError, match="overlapping") as info:
+            f.featurize(frame.structure[2])
+        assert "TO SKIP" not in str(info.value)
+    disordered = equal_copy.copy()  # kept geometry, but partial occupancies: still refused
+    disordered.info["occupancy"] = {"0": {"Na": 0.5, "K": 0.5}}
+    with pytest.raises(StructureError, match="disordered structures"):
+        feat.featurize(disordered)
+    messages = []
+    for f in (feat, fresh):
+        with pytest.raises(StructureError, match="TO SKIP THESE ERRORS") as info:
+            f.featurize_dataframe(frame, "structure", pbar=False)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def test_fit_is_dropped_with_its_settings_and_not_pickled(model, frame) -> None:
+    import pickle
+
+    feat = CrystalformerFeaturizer(model, device="cpu").fit(frame.structure, pbar=False)
+    kept = feat.features_
+    assert feat.__getstate__()["features_"] == kept.token  # a token, not the features
+    assert pickle.loads(pickle.dumps(feat)).features_ is kept  # found again in this process
+    assert not hasattr(clone(feat), "features_")
+    feat.set_params(batch_size=3)
+    assert feat.features_ is kept  # values do not depend on the batch size
+    feat.set_params(mode="both")
+    assert not hasattr(feat, "features_")
+    assert len(feat.featurize(frame.structure[0])) == 18  # recomputed for the new mode
+    assert not hasattr(pickle.loads(pickle.dumps(feat)), "features_")
+    feat.fit([], pbar=False)
+    assert feat.features_.values.shape == (0, 18)
+
+
+_FIT_MULTIPLE_AT_DEFAULTS = """
+import multiprocessing, os, sys
+import numpy as np, pandas as pd, pytest, torch
+from ase import Atoms
+from ase.build import bulk
+from matminer.featurizers.base import MultipleFeaturizer
+from matminer.featurizers.structure import DensityFeatures
+from pymatgen.io.ase import AseAtomsAdaptor
+sys.path.insert(0, sys.argv[1])
+from test_featurizer import tiny_model
+from ase_crystalformer.featurizer import CrystalformerFeaturizer
+
+torch.set_num_threads(2)
+model = tiny_model()
+PARENT, sizes, workers_may_run = os.getpid(), [], False  # a worker sees the value at its fork
+run = CrystalformerFeaturizer._run
+
+
+def counted(self, m, windows):
+    if os.getpid() != PARENT and not workers_may_run:
+        raise RuntimeError("a worker ran the model")
+    sizes.append(len(windows))
+    return run(self, m, windows)
+
+
+CrystalformerFeaturizer._run = counted
+
+
+def multiple():
+    multi = MultipleFeaturizer([DensityFeatures(), CrystalformerFeaturizer(model, device="cpu", batch_size=4)])
+    if multiprocessing.cpu_count() < 2:  # the default n_jobs is the core count: make it a pool
+        multi.set_n_jobs(2)
+    return multi
+
+
+cells = [("Si", "diamond", 5.43), ("Cu", "fcc", 3.6), ("NaCl", "rocksalt", 5.64), ("MgO", "rocksalt", 4.21)]
+good = [AseAtomsAdaptor.get_structure(bulk(*c)) for c in cells * 3]
+broken = AseAtomsAdaptor.get_structure(
+    Atoms("Na2", positions=[[0, 0, 0], [0.01, 0, 0]], cell=np.eye(3) * 4, pbc=True))
+df = pd.DataFrame({"s": good[:5] + [broken] + good[5:]})
+ours = CrystalformerFeaturizer(model, device="cpu")
+one_by_one = np.array([ours.featurize(s) for s in good])  # torch has run its threads here
+labels, errors = ours.feature_labels(), "CrystalformerFeaturizer Exceptions"
+
+workers_may_run = True  # without fit: per entry in the workers
+plain = multiple().featurize_dataframe(df, "s", ignore_errors=True, return_errors=True, pbar=False)
+with pytest.raises(ValueError) as plain_error:
+    multiple().featurize_dataframe(df, "s", pbar=False)
+
+workers_may_run, sizes[:] = False, []
+multi = multiple()
+out = multi.fit_featurize_dataframe(df, "s", ignore_errors=True, return_errors=True, pbar=False)
+assert sizes == [4, 3, 4, 1], sizes  # batches in the parent; the broken row 5 has no window
+good_rows = [i for i in range(13) if i != 5]
+np.testing.assert_allclose(out[labels].to_numpy(float)[good_rows], one_by_one, rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(out[labels].to_numpy(float)[good_rows], plain[labels].to_numpy(float)[good_rows],
+                           rtol=1e-5, atol=1e-6)
+assert out[labels].iloc[5].isna().all() and "overlapping" in out[errors][5]
+assert out[errors].equals(plain[errors])  # the same error text per entry, NaN elsewhere
+rest = [c for c in out.columns if c not in labels]
+pd.testing.assert_frame_equal(out[rest], plain[rest])  # the density features and their errors
+with pytest.raises(ValueError) as fitted_error:
+    multi.featurize_dataframe(df, "s", pbar=False)
+assert type(fitted_error.value) is type(plain_error.value)
+assert str(fitted_error.value) == str(plain_error.value) and "overlapping" in str(plain_error.value)
+
+workers_may_run = True  # a structure fit did not see still works
+other = AseAtomsAdaptor.get_structure(bulk("Si", "diamond", 5.5))
+missed = multi.featurize_dataframe(pd.DataFrame({"s": [good[0], other]}), "s", pbar=False)
+assert sizes == [4, 3, 4, 1], sizes  # not in the parent
+np.testing.assert_allclose(missed[labels].to_numpy(float), [one_by_one[0], ours.featurize(other)],
+                           rtol=1e-5, atol=1e-6)
+print("OK")
+"""
+
+
+def test_multiple_featurizer_fit_featurize_dataframe_at_defaults_is_batched(tmp_path) -> None:
+    """MultipleFeaturizer's pool calls ``featurize`` per entry: ``fit`` batches them first.
+
+    The model raises in a worker unless allowed, so the pool computed nothing for kept
+    structures; the parent counts the batch sizes.
+    """
+    assert _run_forking_script(tmp_path, _FIT_MULTIPLE_AT_DEFAULTS) == "OK"
