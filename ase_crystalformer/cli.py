@@ -502,3 +502,63 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
     click.echo(f"at {t['temperatures'][i]:.0f} K: F = {t['free_energy'][i]:.3f} kJ/mol, S = {t['entropy'][i]:.2f} J/K/mol, Cv = {t['heat_capacity'][i]:.2f} J/K/mol (per mole of primitive cells)")
     for path in result.files.values():
         click.echo(f"wrote {path}")
+
+
+@main.command("train-potential")
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False), envvar="CRYSTALFORMER_DATA_DIR", help="Shared data folder: forces/*.xyz and the mp-megnet structures [env CRYSTALFORMER_DATA_DIR].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, log.jsonl, splits.json, references.json).")
+@click.option("--epochs", default=400, show_default=True, type=click.IntRange(min=1), help="Sub-epochs of --steps-per-epoch batches each.")
+@click.option("--steps-per-epoch", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--lr-decay-steps", default=4000, show_default=True, type=click.IntRange(min=1), help="T of lr·sqrt(T/(T+t)).")
+@click.option("--swa-epochs", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--force-weight", default=0.3, show_default=True, help="Weight of the force L1 loss (eV/Å); the energy loss is L1 of energy per atom over its training std.")
+@click.option("--stress-weight", default=3.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³).")
+@click.option("--relaxed-share", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of the draws that are relaxed MP structures.")
+@click.option("--max-val-relaxed", default=200, show_default=True, type=click.IntRange(min=0), help="Relaxed MEGNet-val structures in the validation set.")
+@click.option("--blocks", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--d-model", default=64, show_default=True, type=click.IntRange(min=8))
+@click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=123, show_default=True, type=int)
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@device_option
+def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
+                    lr_decay_steps: int, swa_epochs: int, force_weight: float, stress_weight: float,
+                    relaxed_share: float, max_val_relaxed: int, blocks: int, d_model: int, heads: int, seed: int,
+                    threads: int | None, resume: bool, device: str) -> None:
+    """Train a Crystalformer potential on DFT energies, forces and stresses.
+
+    Data: every frame of DATA_DIR/forces/*.xyz and the DFT-relaxed mp-megnet structures of the
+    MEGNet train split (formation energy × N, zero forces and stress). Split by material id;
+    per-source, per-element reference energies; see ase_crystalformer.potential.
+    """
+    import sys
+
+    import torch
+
+    from .config import TrainConfig
+    from .errors import CrystalformerError
+    from .potential import default_model_config, train_potential as run
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def echo(summary: dict) -> None:
+        val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_") and "/" not in k)
+        click.echo(f"epoch {summary['epoch']:>4} step {summary['step']:>6} loss {summary['train_loss']:.4f} "
+                   f"{val} ({summary['wall_time_s']:.0f} s)", err=False)
+
+    try:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_steps=lr_decay_steps,
+                             swa_epochs=min(swa_epochs, epochs), seed=seed, force_weight=force_weight,
+                             stress_weight=stress_weight, eval_batch_size=32)
+        model_config = default_model_config(n_blocks=blocks, d_model=d_model, n_heads=heads,
+                                            d_ff=4 * d_model, d_head_mlp=d_model)
+        report = run(data_dir, out, config=config, model_config=model_config, steps_per_epoch=steps_per_epoch,
+                     relaxed_share=relaxed_share, max_val_relaxed=max_val_relaxed, resume=resume, device=device,
+                     command=" ".join(["crystalformer", *sys.argv[1:]]), on_epoch=echo)
+    except (CrystalformerError, ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(report))
