@@ -6,6 +6,7 @@ from .checkpoint import list_models, load_model
 from .config import ModelConfig, TargetSpec, TrainConfig
 from .errors import CheckpointError, CrystalformerError, DataError, StructureError
 from .model import Crystalformer
+from .relax import relax  # the function shadows its module's name on the package, on purpose
 
 #: Optional integrations, imported on first use so that `import ase_crystalformer` does not
 #: need matminer or phonopy.
@@ -37,5 +38,6 @@ __all__ = [
     "TrainConfig",
     "list_models",
     "load_model",
+    "relax",
     "run_phonons",
 ]
