@@ -238,6 +238,11 @@ def fit_references(frames: Sequence[Frame], default: str = DEFAULT_SOURCE) -> Re
     return References(sources, pooled, default)
 
 
+def is_potential(model: Crystalformer) -> bool:
+    """Whether ``model`` was trained as a potential (on energies, forces and stresses)."""
+    return getattr(model, "metadata", {}).get("kind") == "potential"
+
+
 def references_of(model: Crystalformer) -> References | None:
     """The reference energies a potential's checkpoint carries (None for other models)."""
     data = getattr(model, "metadata", {}).get("reference_energies")
