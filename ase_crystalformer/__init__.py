@@ -1,5 +1,7 @@
 """Crystalformer (Taniai et al., ICLR 2024) for ASE, pymatgen and matminer workflows."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from typing import Any
 
 from .checkpoint import list_models, load_model
@@ -7,6 +9,11 @@ from .config import ModelConfig, TargetSpec, TrainConfig
 from .errors import CheckpointError, CrystalformerError, DataError, StructureError
 from .model import Crystalformer
 from .relax import relax  # the function shadows its module's name on the package, on purpose
+
+try:
+    __version__ = _version("ase-crystalformer")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 #: Optional integrations, imported on first use so that `import ase_crystalformer` does not
 #: need matminer or phonopy.
@@ -36,6 +43,7 @@ __all__ = [
     "StructureError",
     "TargetSpec",
     "TrainConfig",
+    "__version__",
     "list_models",
     "load_model",
     "relax",

@@ -6,6 +6,7 @@ Importing this module does nothing but define the class; models load when it is 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
@@ -96,6 +97,13 @@ class CrystalformerCalculator(Calculator):
     forces and stress travel as the calculator results extxyz already stores.
 
     Several models share one neighbour search per structure when their cutoffs agree.
+
+    Threads: ASE keeps the last structure and its results on the calculator (``atoms``,
+    ``results``), so threads sharing one calculator would read each other's results. Every
+    public method that reads or writes that state, and ``predict``, holds one lock per
+    calculator: concurrent calls run one at a time (torch already uses every core within a
+    call) and each gets its own structure's values.
+
     ``predict`` evaluates many structures in batches, far faster than one ``calculate`` per
     structure.
     """
@@ -141,6 +149,8 @@ class CrystalformerCalculator(Calculator):
         self._groups: dict[float, list[int]] = {}
         for index, (_, m) in enumerate(self.models):
             self._groups.setdefault(m.config.cutoff, []).append(index)
+        # Before super().__init__, which calls reset(); reentrant: get_property -> calculate.
+        self._lock = threading.RLock()
         super().__init__(batch_size=batch_size, **kwargs)
         self.parameters.update(
             models=[label for label, _ in self.models], device=str(self.device),
@@ -150,6 +160,15 @@ class CrystalformerCalculator(Calculator):
             "CrystalformerCalculator: %s on %s (%s)",
             describe_models(self.models), self.device, self.parameters["dtype"],
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be pickled; a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------ ASE contract
     def set(self, **kwargs: Any) -> dict[str, Any]:
@@ -167,14 +186,25 @@ class CrystalformerCalculator(Calculator):
             )
         if "batch_size" in kwargs and not int(kwargs["batch_size"]) >= 1:
             raise ValueError(f"batch_size must be >= 1, got {kwargs['batch_size']}")
-        return super().set(**kwargs)
+        with self._lock:
+            return super().set(**kwargs)
+
+    def reset(self) -> None:
+        """Forget the last structure and its results (under the lock, see the class docs)."""
+        with self._lock:
+            super().reset()
+
+    def calculation_required(self, atoms: Atoms, properties: Sequence[str]) -> bool:
+        with self._lock:
+            return super().calculation_required(atoms, properties)
 
     def get_property(
         self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True
     ) -> Any:
         """ASE's ``get_property``, with errors that say why energy or stress is missing."""
-        self._check_request([name], [atoms if atoms is not None else self.atoms])
-        return super().get_property(name, atoms, allow_calculation)
+        with self._lock:
+            self._check_request([name], [atoms if atoms is not None else self.atoms])
+            return super().get_property(name, atoms, allow_calculation)
 
     def calculate(
         self,
@@ -188,26 +218,27 @@ class CrystalformerCalculator(Calculator):
         (and stress, for a cell with a volume) cost one backward pass and are computed
         together when either is requested.
         """
-        if properties is None:
-            properties = ["energy"] if self.energy_target is not None else [self.targets[0].name]
-        Calculator.calculate(self, atoms, list(properties), list(system_changes))
-        if self.atoms is None:
-            raise CalculatorSetupError("no atoms: pass atoms or attach the calculator first")
-        if system_changes:
-            self.results = {}
-        current = self.atoms
-        self._check_request(properties, [current])
-        self._check_names(properties)
-        want_grad = bool({"forces", "stress"} & set(properties))
-        result = self._evaluate(
-            [current],
-            forces=want_grad,
-            stress=want_grad and _has_volume(current),
-            batch_size=1,
-        )[0]
-        self.results.update(result)
-        if atoms is not None:
-            self._store_info(atoms, result)
+        with self._lock:
+            if properties is None:
+                properties = ["energy"] if self.energy_target is not None else [self.targets[0].name]
+            Calculator.calculate(self, atoms, list(properties), list(system_changes))
+            if self.atoms is None:
+                raise CalculatorSetupError("no atoms: pass atoms or attach the calculator first")
+            if system_changes:
+                self.results = {}
+            current = self.atoms
+            self._check_request(properties, [current])
+            self._check_names(properties)
+            want_grad = bool({"forces", "stress"} & set(properties))
+            result = self._evaluate(
+                [current],
+                forces=want_grad,
+                stress=want_grad and _has_volume(current),
+                batch_size=1,
+            )[0]
+            self.results.update(result)
+            if atoms is not None:
+                self._store_info(atoms, result)
 
     def precheck(self, atoms: Atoms) -> bool:
         """Cheap test that ``atoms`` is in scope (``structures.check_atoms``); no raise.
@@ -324,7 +355,7 @@ class CrystalformerCalculator(Calculator):
         """
         results: list[dict[str, Any]] = [{} for _ in atoms_list]
         energy = self.energy_target
-        with eval_mode([m for _, m in self.models]):
+        with self._lock, eval_mode([m for _, m in self.models]):
             for cutoff, members in self._groups.items():
                 windows = windows_for(atoms_list, cutoff)  # raises StructureError, labelled
                 for index in members:
@@ -396,7 +427,13 @@ def _head_input(model: Crystalformer) -> Iterator[list[torch.Tensor]]:
     from the same forward pass instead of running the model a second time.
     """
     seen: list[torch.Tensor] = []
-    handle = model.head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    thread = threading.get_ident()  # a model shared with another thread runs its head too
+
+    def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if threading.get_ident() == thread:
+            seen.append(args[0])
+
+    handle = model.head.register_forward_pre_hook(record)
     try:
         yield seen
     finally:

@@ -5,7 +5,19 @@ runs code from it (unlike ``torch.load`` of a pickle). The header holds:
 
 * ``format_version``: bumped on any incompatible change; other versions are refused;
 * ``config``: ``ModelConfig.to_dict()``, which fixes the architecture and the targets;
-* ``metadata``: free JSON (data provenance, split, training ids hash, metrics, command).
+* ``metadata``: free JSON (data provenance, split, training ids hash, metrics, command);
+* ``sha256``: ``tensors_digest`` of the config and the tensors, written by ``save_checkpoint``.
+
+``read_checkpoint`` trusts nothing in the file. Before it builds a model it bounds the
+header (size, JSON nesting), validates the config (``ModelConfig`` types and ranges) and
+compares every tensor's name, shape and dtype with what that config implies, so a few
+kilobytes of header can never make it allocate gigabytes. It then checks the digest and
+that every value is finite. Each failure is a ``CheckpointError`` naming the file.
+
+A file without ``sha256`` (written before the digest existed) still loads, with a
+``UserWarning``: its dtypes, shapes and values pass the same checks, only byte-level
+corruption that leaves finite numbers cannot be detected. Re-save it to add the digest
+(``save_checkpoint(model, path, model.metadata)``). Every shipped model carries one.
 
 Shipped models live in ``checkpoints/<name>/model.safetensors`` beside a ``README.md``
 model card, and load by name offline.
@@ -13,17 +25,20 @@ model card, and load by name offline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import MAX_ATOMIC_NUMBER, ModelConfig
 from .errors import CheckpointError
 from .model import Crystalformer
 
@@ -31,64 +46,173 @@ FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
 #: Extra directories searched for named models, separated by os.pathsep.
 MODELS_ENV = "CRYSTALFORMER_MODELS"
+#: Largest header (tensor index and metadata JSON) read; shipped ones are about 10 KB.
+MAX_HEADER_BYTES = 1 << 20
+DIGEST_KEY = "sha256"
+
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def tensors_digest(config_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the config JSON and of each tensor's name, dtype, shape and bytes, by name."""
+    digest = hashlib.sha256(config_json.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def expected_layout(config: ModelConfig) -> Layout:
+    """Name → (dtype, shape) of every tensor in the state dict of ``Crystalformer(config)``.
+
+    Computed from the config alone, so a checkpoint is checked before a model of the size
+    its header claims is allocated. (Building on the ``meta`` device would need no copy of
+    the layout, but its initialisers import torch._dynamo: seconds per process.)
+    ``tests/test_checkpoint.py`` holds this equal to the real model's state dict.
+    """
+    d, h, dh, t = config.d_model, config.n_heads, config.d_head, len(config.targets)
+    f32 = torch.float32
+    layout: Layout = {
+        "target_mean": (f32, (t,)),
+        "target_std": (f32, (t,)),
+        "embedding.weight": (f32, (MAX_ATOMIC_NUMBER, d)),
+    }
+    for b in range(config.n_blocks):
+        attn, ffn = f"blocks.{b}.attention.", f"blocks.{b}.ffn."
+        layout[attn + "sigma_weight"] = (f32, (h, dh))
+        if config.n_rbf:
+            layout[attn + "rbf_proj"] = (f32, (h, dh, config.n_rbf))
+        layout[attn + "sigma_shift"] = (f32, ())
+        layout[attn + "sigma_scale"] = (f32, ())
+        layout[attn + "sigma_ready"] = (torch.bool, ())
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            layout[f"{attn}{proj}.weight"] = (f32, (d, d))
+            layout[f"{attn}{proj}.bias"] = (f32, (d,))
+        layout[ffn + "0.weight"], layout[ffn + "0.bias"] = (f32, (config.d_ff, d)), (f32, (config.d_ff,))
+        layout[ffn + "2.weight"], layout[ffn + "2.bias"] = (f32, (d, config.d_ff)), (f32, (d,))
+    m = config.d_head_mlp
+    layout["head.0.weight"], layout["head.0.bias"] = (f32, (m, d)), (f32, (m,))
+    layout["head.2.weight"], layout["head.2.bias"] = (f32, (t, m)), (f32, (t,))
+    return layout
 
 
 def save_checkpoint(model: Crystalformer, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (weights, config) and ``metadata`` to ``path`` atomically."""
+    """Write ``model`` (weights, config, digest) and ``metadata`` to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(model.config.to_dict())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {
         "format_version": FORMAT_VERSION,
-        "config": json.dumps(model.config.to_dict()),
+        "config": config,
         "metadata": json.dumps(metadata or {}),
+        DIGEST_KEY: tensors_digest(config, tensors),
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
     os.replace(tmp, path)  # a crash mid-write never leaves a half-written checkpoint
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[Crystalformer, dict[str, Any]]:
-    """Load a checkpoint file strictly; return the model (CPU, float32) and its metadata
-    (also attached as ``model.metadata``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The string→string header and the tensors of a safetensors file, header size bounded.
+
+    The tensors take at most the file's own size, whatever its header claims.
+    """
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+        if size <= MAX_HEADER_BYTES:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                return header, {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from err
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {version!r} is not supported "
-            f"(this version of ase-crystalformer reads {FORMAT_VERSION!r})"
-        )
+    raise CheckpointError(
+        f"{path}: not a readable safetensors checkpoint (a header of {size} bytes, "
+        f"over the {MAX_HEADER_BYTES}-byte limit)"
+    )
+
+
+def _json(path: Path, header: dict[str, str], key: str, default: str | None = None) -> Any:
+    """``header[key]`` parsed as JSON; CheckpointError if missing, malformed or too deep."""
     try:
-        config = ModelConfig.from_dict(json.loads(header["config"]))
-        metadata = json.loads(header.get("metadata", "{}"))
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: invalid model config in checkpoint header ({err})") from err
-    model = Crystalformer(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+        text = header[key] if default is None else header.get(key, default)
+        return json.loads(text)
+    except KeyError as err:
+        raise CheckpointError(f"{path}: checkpoint header has no {key!r}") from err
+    except RecursionError as err:
+        raise CheckpointError(f"{path}: checkpoint header {key!r} is nested too deeply") from err
+    except ValueError as err:
+        raise CheckpointError(f"{path}: checkpoint header {key!r} is not valid JSON ({err})") from err
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], layout: Layout) -> None:
+    """Names, shapes, dtypes and finite values of ``tensors`` against ``layout``."""
+    missing = sorted(set(layout) - set(tensors))
+    unexpected = sorted(set(tensors) - set(layout))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match the model config "
             f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
     for key, value in tensors.items():
-        if value.shape != expected[key].shape:
+        dtype, shape = layout[key]
+        if tuple(value.shape) != shape:
             raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(value.shape)}, "
-                f"the config needs {tuple(expected[key].shape)}"
+                f"{path}: tensor {key!r} has shape {tuple(value.shape)}, the config needs {shape}"
             )
+        if value.dtype != dtype:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}, "
+                f"the model needs {str(dtype).removeprefix('torch.')}"
+            )
+
+
+def read_checkpoint(path: str | Path) -> tuple[Crystalformer, dict[str, Any]]:
+    """Load a checkpoint file strictly; return the model (CPU, float32) and its metadata
+    (also attached as ``model.metadata``). See the module docstring for what is checked."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    header, tensors = _read(path)
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is not supported "
+            f"(this version of ase-crystalformer reads {FORMAT_VERSION!r})"
+        )
+    raw_config = _json(path, header, "config")
+    try:
+        config = ModelConfig.from_dict(raw_config)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: invalid model config in checkpoint header ({err})") from err
+    metadata = _json(path, header, "metadata", "{}")
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
+    layout = expected_layout(config)
+    _check_tensors(path, tensors, layout)
+    digest = header.get(DIGEST_KEY)
+    if digest is None:
+        warnings.warn(
+            f"{path}: no integrity digest ({DIGEST_KEY!r}) in the header, so corrupted bytes "
+            "cannot be detected; re-save it with save_checkpoint(model, path, model.metadata) "
+            "to add one",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif digest != tensors_digest(header["config"], tensors):
+        raise CheckpointError(
+            f"{path}: the tensors do not match the header's integrity digest "
+            "(the file is corrupted or was edited)"
+        )
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    model = Crystalformer(config)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     model.metadata = metadata
@@ -119,10 +243,10 @@ def energy_models() -> list[str]:
     for name in list_models():
         try:
             with safe_open(str(model_path(name)), framework="pt") as handle:
-                config = json.loads((handle.metadata() or {}).get("config", "{}"))
-        except (SafetensorError, OSError, ValueError):  # reported when it is loaded
+                config = ModelConfig.from_dict(json.loads((handle.metadata() or {}).get("config", "")))
+        except (SafetensorError, OSError, ValueError, RecursionError):  # reported when it is loaded
             continue
-        if any(t.get("kind") == "energy" for t in config.get("targets", [])):
+        if any(t.kind == "energy" for t in config.targets):
             found.append(name)
     return found
 

@@ -34,34 +34,54 @@ def device_option(func):
                         help="torch device: cpu, cuda, cuda:1, ... or auto (CUDA when present).")(func)
 
 
-def _read_structures(files: tuple[str, ...]) -> tuple[list[str], list]:
-    """Every frame of every file that ``ase.io.read`` understands, with a label each."""
-    from ase.io import read
+def _read_structures(paths: tuple[str, ...], column: str, ignore_errors: bool) -> list:
+    """Every structure of every input (``inputs.read_inputs``); the first unreadable one
+    stops the command unless ``ignore_errors``."""
+    from .errors import CrystalformerError
+    from .inputs import read_inputs
 
-    labels, frames = [], []
-    for name in files:
-        try:
-            images = read(name, index=":")
-        except Exception as err:  # ase raises many types for unreadable files
-            raise click.ClickException(f"{name}: cannot read structures ({type(err).__name__}: {err})") from err
-        if not images:
-            raise click.ClickException(f"{name}: no structures in file")
-        for k, atoms in enumerate(images):
-            labels.append(name if len(images) == 1 else f"{name}@{k}")
-            frames.append(atoms)
-    return labels, frames
+    try:
+        entries = read_inputs(paths, column)
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+    bad = next((e for e in entries if e.error is not None), None)
+    if bad is not None and not ignore_errors:
+        raise click.ClickException(f"{bad.error}\n(--ignore-errors reports bad inputs and goes on with the rest)")
+    return entries
+
+
+#: Structures from which predict shows a progress bar on a terminal by default.
+PROGRESS_MIN = 200
+
+
+def _progress(total: int, wanted: bool | None):
+    """A tqdm bar on stderr: when asked, or by default for many structures on a terminal."""
+    from tqdm import tqdm
+
+    stderr = click.get_text_stream("stderr")
+    show = wanted if wanted is not None else total >= PROGRESS_MIN and stderr.isatty()
+    return tqdm(total=total, file=stderr, disable=not show, leave=False, unit="structure")
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); default: every shipped model.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), help="Output format  [default: table; with --out, csv or json from the file's suffix].")
+@click.option("--out", "outfile", type=click.Path(dir_okay=False, path_type=Path), help="Write the output to this file instead of stdout.")
+@click.option("--column", default="structure", show_default=True, help="Column of a table input holding CIF/POSCAR text or pymatgen Structure dicts.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @device_option
 @click.option("--primitive", is_flag=True, help="Predict on primitive cells (same answer, faster for supercells).")
 @click.option("--extrapolate", is_flag=True, help="Also print predictions for structures outside a model's training domain (left empty by default).")
-def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batch_size: int, device: str, primitive: bool, extrapolate: bool) -> None:
-    """Predict properties of every structure in FILES (CIF, POSCAR, extxyz, ...).
+@click.option("--ignore-errors", is_flag=True, help="Report structures that cannot be read or taken (stderr and an error column) and predict the rest.")
+@click.option("--progress/--no-progress", default=None, help=f"Progress bar on stderr  [default: on a terminal, from {PROGRESS_MIN} structures].")
+def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | None, outfile: Path | None, column: str,
+            batch_size: int, device: str, primitive: bool, extrapolate: bool, ignore_errors: bool, progress: bool | None) -> None:
+    """Predict properties of every structure in INPUTS.
+
+    INPUTS are structure files (CIF, POSCAR, extxyz, ... : every frame), folders of them,
+    or tables (.csv, .json, .parquet) with a --column of structures. FILE@k in the output
+    names frame or row k of FILE (from 0).
 
     A structure unlike a model's training set (an element it never saw; another cell size
     for a model trained on one) gets an empty cell for that model and a note on stderr.
@@ -75,39 +95,92 @@ def predict(files: tuple[str, ...], model_names: tuple[str, ...], fmt: str, batc
     from .geometry import build_window
     from .inference import load_models, target_properties
 
-    labels, frames = _read_structures(files)
-    table = pd.DataFrame({"structure": labels, "formula": [a.get_chemical_formula() for a in frames]})
+    if fmt is None:
+        suffix = outfile.suffix.lower() if outfile is not None else ""
+        fmt = {".csv": "csv", ".json": "json"}.get(suffix, "table")
+    entries = _read_structures(inputs, column, ignore_errors)
+    errors = {i: e.error for i, e in enumerate(entries) if e.error is not None}
+    notes: list[str] = []
+    other: list[warnings.WarningMessage] = []  # shown after the output, as the notes are
     try:
         models = load_models(list(model_names) or None, torch.device(device), torch.float32)
         properties = target_properties(models)  # the calculator's and featurizer's names
-        for label, atoms in zip(labels, frames):  # model.predict could only number a bad one
-            build_window(atoms, max(model.config.cutoff for _, model in models), f"{label} ({atoms.get_chemical_formula()})")
-        for m, (_, model) in enumerate(models):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                values = model.predict(frames, batch_size=batch_size, primitive=primitive).reshape(len(frames), -1)
-            for w in caught:
-                if isinstance(w.message, OutOfDomainWarning):
-                    left = "printed anyway (--extrapolate)" if extrapolate else "left empty; --extrapolate prints them"
-                    click.echo(f"note: {w.message.model}: {len(w.message.problems)} of {len(frames)} structure(s) "
-                               f"lie outside its training domain, {left}:", err=True)
-                    for i, reason in w.message.problems.items():
-                        click.echo(f"  {labels[i]} ({frames[i].get_chemical_formula()}): {reason}", err=True)
-                    if not extrapolate:
-                        values[list(w.message.problems)] = np.nan
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-            for prop in (p for p in properties if p.model == m):
-                table[f"{prop.name} ({prop.unit})" if prop.unit else prop.name] = values[:, prop.column]
+        cutoff = max(model.config.cutoff for _, model in models)
+        for i, entry in enumerate(entries):  # model.predict could only number a bad one
+            if entry.atoms is None:
+                continue
+            try:
+                build_window(entry.atoms, cutoff, f"{entry.label} ({entry.atoms.get_chemical_formula()})")
+            except CrystalformerError as err:
+                if not ignore_errors:
+                    raise
+                errors[i] = str(err)
+        good = [i for i in range(len(entries)) if i not in errors]
+        frames = [entries[i].atoms for i in good]
+        values = [np.full((len(good), len(model.config.targets)), np.nan) for _, model in models]
+        outside: list[dict[int, str]] = [{} for _ in models]
+        with _progress(len(good), progress) as bar:
+            for start in range(0, len(good), batch_size):
+                chunk = frames[start : start + batch_size]
+                for m, (_, model) in enumerate(models):
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        values[m][start : start + len(chunk)] = model.predict(chunk, batch_size=batch_size, primitive=primitive).reshape(len(chunk), -1)
+                    for w in caught:
+                        if isinstance(w.message, OutOfDomainWarning):
+                            outside[m].update({start + k: reason for k, reason in w.message.problems.items()})
+                        else:
+                            other.append(w)
+                bar.update(len(chunk))
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
+    for m, (label, _) in enumerate(models):
+        if outside[m]:
+            left = "printed anyway (--extrapolate)" if extrapolate else "left empty; --extrapolate prints them"
+            notes.append(f"note: {label}: {len(outside[m])} of {len(good)} structure(s) lie outside its training domain, {left}:")
+            notes += [f"  {entries[good[k]].label} ({frames[k].get_chemical_formula()}): {reason}" for k, reason in outside[m].items()]
+            if not extrapolate:
+                values[m][list(outside[m])] = np.nan
+    if errors:
+        notes.append(f"skipped {len(errors)} of {len(entries)} input(s) that could not be predicted:")
+        notes += [f"  {errors[i]}" for i in sorted(errors)]
+    table = pd.DataFrame({
+        "structure": [e.label for e in entries],
+        "formula": [e.atoms.get_chemical_formula() if e.atoms is not None else "" for e in entries],
+    })
+    for prop in properties:
+        column_values = np.full(len(entries), np.nan)
+        column_values[good] = values[prop.model][:, prop.column]
+        table[f"{prop.name} ({prop.unit})" if prop.unit else prop.name] = column_values
+    if ignore_errors:
+        table["error"] = [errors.get(i) for i in range(len(entries))]
+    _predict_write(table, fmt, outfile)
+    for line in notes:  # after the output has ended with a newline and been flushed
+        click.echo(line, err=True)
+    for w in other:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if outfile is not None:
+        click.echo(f"wrote predictions for {len(good)} of {len(entries)} structure(s) to {outfile}", err=True)
+    if not good:
+        raise click.ClickException("no structure could be predicted")
+
+
+def _predict_write(table, fmt: str, outfile: Path | None) -> None:
+    """The table as csv, json or text, ending with a newline, to ``outfile`` or stdout
+    (flushed, so that notes on stderr never land inside the output on a terminal)."""
     if fmt == "csv":
-        click.echo(table.to_csv(index=False), nl=False)
+        text = table.to_csv(index=False)
     elif fmt == "json":
         records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-        click.echo(json.dumps(records, indent=2))  # empty cells as null: JSON has no NaN
+        text = json.dumps(records, indent=2)  # empty cells as null: JSON has no NaN
     else:
-        click.echo(table.to_string(index=False, na_rep="-"))
+        text = table.astype(object).where(table.notna(), "-").to_string(index=False)
+    text = text if text.endswith("\n") else text + "\n"
+    if outfile is not None:
+        outfile.parent.mkdir(parents=True, exist_ok=True)
+        outfile.write_text(text, encoding="utf-8")
+        return
+    click.echo(text, nl=False)  # click.echo flushes
 
 
 # --------------------------------------------------------------------------- data options
@@ -190,40 +263,49 @@ def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
 
 
 def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, model_config=None) -> None:
-    """Shared body of ``train`` and ``finetune``; ``opts`` are the click options by name."""
+    """Shared body of ``train`` and ``finetune``; ``opts`` are the click options by name.
+
+    The run directory is locked (and checked for another run) before the data is read, so
+    a second run into it fails at once, and stays locked until report.json is written.
+    """
+    import os
     import sys
 
     from .config import TrainConfig
     from .errors import CrystalformerError
-    from .training import train
+    from .rundir import run_directory
+    from .training import train, write_json
 
     targets = opts["targets"]
-    dataset = _load(opts["source"], list(targets), opts["data_dir"], opts["structure_column"], opts["id_column"],
-                    opts["split_file"], opts["split_rule"], opts["primitive"], opts["cache_dir"], seed=opts["seed"])
-    specs = _target_specs(targets, opts["transforms"], dataset.units, opts["units"], opts["as_energy"])
     out, device = Path(opts["out"]), opts["device"]
     try:
-        config = TrainConfig(
-            epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
-            swa_epochs=min(opts["swa_epochs"], opts["epochs"]), seed=opts["seed"],
-            weight_decay=opts["weight_decay"], lr_decay_steps=opts["lr_decay_steps"], clip_norm=opts["clip_norm"],
-            betas=tuple(opts["betas"]), force_weight=opts["force_weight"], stress_weight=opts["stress_weight"],
-        )
+        with run_directory(out, resume=opts["resume"], overwrite=opts["overwrite"]):
+            dataset = _load(opts["source"], list(targets), opts["data_dir"], opts["structure_column"],
+                            opts["id_column"], opts["split_file"], opts["split_rule"], opts["primitive"],
+                            opts["cache_dir"], seed=opts["seed"])
+            specs = _target_specs(targets, opts["transforms"], dataset.units, opts["units"], opts["as_energy"])
+            config = TrainConfig(
+                epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+                swa_epochs=min(opts["swa_epochs"], opts["epochs"]), seed=opts["seed"],
+                weight_decay=opts["weight_decay"], lr_decay_steps=opts["lr_decay_steps"], clip_norm=opts["clip_norm"],
+                betas=tuple(opts["betas"]), force_weight=opts["force_weight"], stress_weight=opts["stress_weight"],
+            )
 
-        def echo(summary: dict) -> None:
-            val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_"))
-            click.echo(f"epoch {summary['epoch']:>4} step {summary['step']:>6} loss {summary['train_loss']:.4f} "
-                       f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
-                       f"({summary['wall_time_s']:.0f} s)")
+            def echo(summary: dict) -> None:
+                val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_"))
+                click.echo(f"epoch {summary['epoch']:>4} step {summary['step']:>6} loss {summary['train_loss']:.4f} "
+                           f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
+                           f"({summary['wall_time_s']:.0f} s)")
 
-        report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
-                       freeze_encoder=freeze_encoder, resume=opts["resume"], device=device,
-                       command=" ".join(["crystalformer", *sys.argv[1:]]), progress=opts["progress"], on_epoch=echo,
-                       num_workers=opts["workers"])
-        report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
+            report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
+                           freeze_encoder=freeze_encoder, resume=opts["resume"], overwrite=opts["overwrite"],
+                           device=device, command=" ".join(["crystalformer", *sys.argv[1:]]),
+                           progress=opts["progress"], on_epoch=echo, num_workers=opts["workers"])
+            report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_json(report, out / "report.json")
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
-    (out / "report.json").write_text(json.dumps(report, indent=2))
     if report["skipped"]:
         click.echo(f"skipped {len(report['skipped'])} structures (ids and reasons in report.json)")
     for key, metrics in report["metrics"].items():
@@ -244,6 +326,7 @@ def training_options(func):
         click.option("--seed", default=123, show_default=True, type=int),
         device_option,
         click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch."),
+        click.option("--overwrite", is_flag=True, help="Remove the files of a previous run in --out and start afresh (without it, a used --out is refused)."),
         click.option("--weight-decay", default=1e-5, show_default=True, help="AdamW weight decay (not on biases)."),
         click.option("--lr-decay-steps", default=4000, show_default=True, type=click.IntRange(min=1), help="T of lr·sqrt(T/(T+t))."),
         click.option("--clip-norm", default=1.0, show_default=True, help="Global gradient-norm clip."),
@@ -268,7 +351,11 @@ def train(cutoff: float, blocks: int, activation: str, **opts) -> None:
     """Train a Crystalformer from scratch with the paper's recipe."""
     from .config import ModelConfig
 
-    _run_training(opts, model_config=ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation))
+    try:
+        model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation)
+    except ValueError as err:  # the config's own checks, e.g. the cutoff's range
+        raise click.UsageError(str(err)) from err
+    _run_training(opts, model_config=model_config)
 
 
 @main.command()
@@ -345,43 +432,6 @@ def models() -> None:
 
 
 # ---------------------------------------------------------------- featurize and phonons
-def _featurize_read_table(path: Path):
-    """A table from CSV (leading '# ...' lines skipped), JSON (records, columns or pandas
-    "split"; .gz/.zip too) or Parquet."""
-    import pandas as pd
-
-    from .data.files import read_csv_frame
-    from .data.parse import read_json
-
-    name = path.name.lower()
-    if name.endswith(".csv"):
-        return read_csv_frame(path)
-    if name.endswith((".json", ".json.gz", ".zip")):
-        data = read_json(path)
-        if isinstance(data, dict) and {"columns", "data"} <= set(data):
-            return pd.DataFrame(data["data"], columns=data["columns"], index=data.get("index"))
-        return pd.DataFrame(data)
-    if name.endswith(".parquet"):
-        try:
-            return pd.read_parquet(path)
-        except ImportError as err:
-            raise click.ClickException(f"{path}: reading Parquet needs pyarrow ({err})") from err
-    raise click.ClickException(f"{path}: unknown table format; use .csv, .json or .parquet")
-
-
-def _featurize_parse(value):
-    """ase.Atoms from a cell of the structure column: CIF/POSCAR text or a pymatgen dict."""
-    from ase import Atoms
-
-    from .data.parse import atoms_from_pmg_dict, atoms_from_text
-
-    if isinstance(value, Atoms):
-        return value
-    if isinstance(value, dict):
-        return atoms_from_pmg_dict(value)
-    return atoms_from_text(value)
-
-
 def _featurize_write(table, path: Path) -> None:
     name = path.name.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -398,8 +448,31 @@ def _featurize_write(table, path: Path) -> None:
         raise click.ClickException(f"{path}: unknown output format; use .csv, .json or .parquet")
 
 
+def _featurize_read(infile: Path, column: str, ignore_errors: bool):
+    """The input table and its entries (``inputs``); a structure file or folder becomes a
+    table of one ``structure`` column of labels."""
+    import pandas as pd
+
+    from .errors import CrystalformerError
+    from .inputs import is_table, read_table, table_entries
+
+    try:
+        table = read_table(infile) if infile.is_file() and is_table(infile) else None
+        entries = table_entries(table, column, infile) if table is not None else None
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+    if entries is None:
+        entries = _read_structures((str(infile),), column, ignore_errors)
+        table = pd.DataFrame({"structure": [e.label for e in entries]})
+        return table, entries, False
+    bad = next((e for e in entries if e.error is not None), None)
+    if bad is not None and not ignore_errors:
+        raise click.ClickException(f"{bad.error}\n(--ignore-errors reports bad inputs and goes on with the rest)")
+    return table, entries, True
+
+
 @main.command()
-@click.argument("infile", metavar="IN", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("infile", metavar="IN", type=click.Path(exists=True, path_type=Path))
 @click.option("--column", default="structure", show_default=True, help="Column holding CIF/POSCAR text or pymatgen Structure dicts (JSON).")
 @click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output table (.csv, .json or .parquet).")
 @click.option("--model", "model_name", help="Model name or checkpoint path; default: the first shipped model.")
@@ -407,47 +480,38 @@ def _featurize_write(table, path: Path) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @device_option
 @click.option("--ignore-errors", is_flag=True, help="Give failing rows NaN features and an error column instead of stopping.")
-@click.option("--keep-structure", is_flag=True, help="Keep the structure column in the output.")
+@click.option("--keep-structure", is_flag=True, help="Keep the structure column of a table in the output.")
 def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, batch_size: int,
               device: str, ignore_errors: bool, keep_structure: bool) -> None:
-    """Add Crystalformer features (embedding and/or predictions) to every row of table IN."""
+    """Add Crystalformer features (embedding and/or predictions) to every structure of IN.
+
+    IN is a table (.csv, .json, .parquet) with a --column of structures, whose other columns
+    are kept; or, as predict reads them, a structure file or a folder of them, giving one row
+    per structure.
+    """
     import numpy as np
     import pandas as pd
 
     from .errors import CrystalformerError
     from .featurizer import CrystalformerFeaturizer
 
-    try:
-        table = _featurize_read_table(infile)
-    except CrystalformerError as err:
-        raise click.ClickException(str(err)) from err
-    if column not in table.columns:
-        raise click.ClickException(f"{infile}: no column {column!r}; columns: {list(table.columns)}")
-    structures, failures = [], {}
-    for row, value in enumerate(table[column]):
-        try:
-            structures.append(_featurize_parse(value))
-        except (CrystalformerError, ValueError, SyntaxError) as err:
-            if not ignore_errors:
-                raise click.ClickException(f"{infile}: row {row}: cannot read the structure ({err})") from err
-            failures[row] = f"cannot read the structure: {err}"
-            structures.append(None)
+    table, entries, from_table = _featurize_read(infile, column, ignore_errors)
     featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size)
     try:
         labels = featurizer.feature_labels()
-        good = [row for row, s in enumerate(structures) if s is not None]
-        features = featurizer.featurize_many([structures[r] for r in good], ignore_errors=ignore_errors,
+        # Unreadable rows too (they fail again, as None), so that "structure k" in a message is row k.
+        features = featurizer.featurize_many([e.atoms for e in entries], ignore_errors=ignore_errors,
                                              return_errors=ignore_errors, pbar=False)
     except (CrystalformerError, ImportError) as err:
         raise click.ClickException(str(err)) from err
     values = np.full((len(table), len(labels)), np.nan)
-    errors = [failures.get(row) for row in range(len(table))]
-    for row, feats in zip(good, features):
+    errors = [e.error for e in entries]
+    for row, feats in enumerate(features):
         values[row] = feats[: len(labels)]
-        if ignore_errors and isinstance(feats[-1], str):
+        if errors[row] is None and ignore_errors and isinstance(feats[-1], str):
             errors[row] = feats[-1].strip().splitlines()[-1]  # the exception line, not the traceback
-    out = table if keep_structure else table.drop(columns=[column])
-    if keep_structure:  # dicts as JSON text, so that every output format can hold them
+    out = table if keep_structure or not from_table else table.drop(columns=[column])
+    if keep_structure and from_table:  # dicts as JSON text, so that every output format can hold them
         out = out.assign(**{column: [json.dumps(v) if isinstance(v, dict) else v for v in table[column]]})
     out = out.reset_index(drop=True)
     out = pd.concat([out, pd.DataFrame(values, columns=labels)], axis=1)

@@ -17,6 +17,29 @@ Transform = Literal["none", "log10"]
 #: Elements with a learned embedding: Z = 1 (H) ... 98 (Cf), as in the paper's one-hot.
 MAX_ATOMIC_NUMBER = 98
 
+#: Inclusive ranges of the integer fields of ``ModelConfig``: far above any useful model,
+#: low enough that a config read from an untrusted checkpoint header cannot ask for a
+#: network that takes minutes or gigabytes just to construct.
+INT_RANGES = {
+    "n_blocks": (1, 64), "d_model": (1, 4096), "n_heads": (1, 4096), "d_ff": (1, 16384),
+    "d_head_mlp": (1, 4096), "n_rbf": (0, 1024),
+}
+#: Largest window radius (Å). Images per atom grow as cutoff³ (about 8× the 10 Å default's
+#: at 20 Å), while the Gaussian weight beyond 10 Å is already below 3e-6 of the self image.
+MAX_CUTOFF = 20.0
+MAX_TARGETS = 64
+
+
+def _finite(name: str, value: Any) -> float:
+    """``value`` if it is a finite real number (not a bool); ValueError naming ``name``."""
+    try:
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -35,8 +58,10 @@ class TargetSpec:
     kind: Literal["intensive", "energy"] = "intensive"
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("a target needs a non-empty name")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a target needs a non-empty name, got {self.name!r}")
+        if not isinstance(self.unit, str):
+            raise ValueError(f"target {self.name!r}: unit must be a string, got {self.unit!r}")
         if self.transform not in ("none", "log10"):
             raise ValueError(f"unknown target transform {self.transform!r}; use 'none' or 'log10'")
         if self.kind not in ("intensive", "energy"):
@@ -69,12 +94,21 @@ class ModelConfig:
     targets: tuple[TargetSpec, ...] = field(default_factory=lambda: (TargetSpec("target"),))
 
     def __post_init__(self) -> None:
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"{name}={value} is outside the supported range [{low}, {high}]")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.n_blocks < 1 or self.n_rbf < 0:
-            raise ValueError("n_blocks must be >= 1 and n_rbf >= 0")
-        if not 0.0 < self.rho_lower_bound < 1.0:
+        for name in ("rbf_max", "r0", "rho_slope"):
+            if _finite(name, getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < _finite("rho_lower_bound", self.rho_lower_bound) < 1.0:
             raise ValueError(f"rho_lower_bound must lie in (0, 1), got {self.rho_lower_bound}")
+        if _finite("cutoff", self.cutoff) > MAX_CUTOFF:
+            raise ValueError(f"cutoff={self.cutoff} Å is above the supported maximum of {MAX_CUTOFF} Å")
         if self.cutoff < 3.5 * self.sigma_max:
             raise ValueError(
                 f"cutoff={self.cutoff} Å is below 3.5·σ_max = {3.5 * self.sigma_max:.2f} Å, "
@@ -82,8 +116,10 @@ class ModelConfig:
             )
         if self.activation not in ("relu", "gelu", "silu"):
             raise ValueError(f"unknown activation {self.activation!r}; use relu, gelu or silu")
-        if not self.targets:
-            raise ValueError("a model needs at least one target")
+        if not isinstance(self.targets, tuple) or not all(isinstance(t, TargetSpec) for t in self.targets):
+            raise ValueError(f"targets must be a tuple of TargetSpec, got {self.targets!r}")
+        if not 1 <= len(self.targets) <= MAX_TARGETS:
+            raise ValueError(f"a model needs 1 to {MAX_TARGETS} targets, got {len(self.targets)}")
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names: {names}")
@@ -108,13 +144,21 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        """The inverse of ``to_dict``; ValueError for anything else (it may come from a file)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config is a JSON object, got {type(data).__name__}")
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         data = dict(data)
         if "targets" in data:
-            data["targets"] = tuple(TargetSpec(**t) for t in data["targets"])
+            targets = data["targets"]
+            target_keys = {f.name for f in fields(TargetSpec)}
+            if not isinstance(targets, list) or not all(
+                isinstance(t, dict) and set(t) <= target_keys and "name" in t for t in targets
+            ):
+                raise ValueError(f"targets must be a list of objects with keys among {sorted(target_keys)}")
+            data["targets"] = tuple(TargetSpec(**t) for t in targets)
         return cls(**data)
 
 

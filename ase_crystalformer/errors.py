@@ -1,7 +1,8 @@
 """Exceptions raised at the package boundary.
 
-Each subclasses ``ValueError`` (or ``ImportError``) as well, so that callers who catch the
-builtin type keep working, while callers who want to tell our errors apart can.
+Each subclasses ``ValueError`` (``RunError``: ``RuntimeError``; or ``ImportError``) as well,
+so that callers who catch the builtin type keep working, while callers who want to tell our
+errors apart can.
 """
 
 
@@ -19,6 +20,10 @@ class CheckpointError(CrystalformerError, ValueError):
 
 class DataError(CrystalformerError, ValueError):
     """A dataset, split or target specification that cannot be used."""
+
+
+class RunError(CrystalformerError, RuntimeError):
+    """A run directory in use by another run, holding another run, or with nothing to resume."""
 
 
 def missing_extra(package: str, extra: str) -> ImportError:

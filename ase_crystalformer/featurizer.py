@@ -4,11 +4,20 @@ matminer's ``featurize_many`` forks a process pool and featurizes one entry at a
 is the wrong shape for a torch model (every worker would load the model and run batch size
 1). This featurizer pins ``n_jobs`` to 1 and batches on the model's device instead, while
 keeping matminer's ``ignore_errors``/``return_errors`` behaviour entry by entry.
+
+A ``MultipleFeaturizer`` (``iterate_over_entries=True``, its default) does not call its
+members' ``featurize_many``: it forks its own pool (``n_jobs`` = all cores) and calls each
+member's ``featurize`` once per entry in the workers. A forked child of a process whose
+torch already ran OpenMP threads hangs at its first parallel region, so in a forked process
+this featurizer runs torch on one thread (as torch's own DataLoader workers do); the pool
+supplies the parallelism. ``MultipleFeaturizer(..., iterate_over_entries=False)`` calls
+``featurize_many`` of each member instead, which keeps this featurizer batched.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -38,6 +47,17 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise missing_extra("matminer", "matminer") from err
 
 logger = logging.getLogger(__name__)
+
+_forked = False  # set in a child made by os.fork (matminer's process pools)
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_mark_forked)
 
 Mode = Literal["embedding", "predictions", "both"]
 _SKIP_HINT = (
@@ -87,6 +107,8 @@ class CrystalformerFeaturizer(BaseFeaturizer):
     # -------------------------------------------------------------------- model handling
     def _get_model(self) -> Crystalformer:
         """The model for the current ``model``/``device`` settings (reloaded if they change)."""
+        if _forked and torch.get_num_threads() > 1:
+            torch.set_num_threads(1)  # the OpenMP pool did not survive the fork (module docstring)
         if self._loaded is None or self._loaded[0] is not self.model or self._loaded[1] != self.device:
             device = resolve_device(self.device)
             dtype = self.model.dtype if isinstance(self.model, Crystalformer) else torch.float32

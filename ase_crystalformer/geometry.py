@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import vesin
 from ase import Atoms
+from ase.geometry import minkowski_reduce
 
 from .errors import StructureError
 from .structures import MIN_DISTANCE, check_atoms, describe
@@ -55,53 +56,81 @@ class Window:
         return len(self.center)
 
 
-def _search_box(atoms: Atoms, cutoff: float) -> np.ndarray:
-    """The cell as given on periodic axes; long vectors normal to them on the others.
+def _complete_basis(cell: np.ndarray, pbc: np.ndarray, length: float = 1.0) -> np.ndarray:
+    """The periodic rows of ``cell`` as given; vectors of ``length`` normal to them on the others.
 
-    Non-periodic axes may carry zero or arbitrary vectors in ASE; the neighbour search still
-    needs a non-singular box. No shift is ever applied along such an axis, so the vectors we
-    put there never reach the model.
+    Non-periodic axes may carry zero or arbitrary vectors in ASE; wrapping and the neighbour
+    search need a non-singular box whose open axes are orthogonal to the periodic ones (so
+    the periodic fractional coordinates do not depend on the open ones). No shift is ever
+    applied along such an axis, so the vectors we put there never reach the model.
     """
-    cell = np.array(atoms.cell, dtype=float)
-    pbc = np.asarray(atoms.pbc, dtype=bool)
     if pbc.all():
         return cell
-    extent = np.ptp(atoms.positions, axis=0).max() + cutoff + 1.0
-    basis = list(cell[pbc])
-    for axis in np.flatnonzero(~pbc):
-        # Orthogonalise a trial vector against the vectors fixed so far (Gram–Schmidt).
-        for trial in np.eye(3):
-            v = trial.copy()
-            for b in basis:
-                v -= (v @ b) / (b @ b) * b
-            if np.linalg.norm(v) > 1e-3:
-                break
-        v *= extent / np.linalg.norm(v)
-        cell[axis] = v
-        basis.append(v)
+    cell = cell.copy()
+    # The last rows of V in the SVD of the periodic rows span their orthogonal complement.
+    cell[~pbc] = length * np.linalg.svd(cell[pbc])[2][pbc.sum():]
     return cell
+
+
+def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Positions wrapped into a Minkowski-reduced cell of the same lattice, in float64.
+
+    Returns (positions, cell). An atom unwrapped by many lattice vectors, or a valid but
+    very skewed basis, would otherwise need huge image shifts n (and lose precision in
+    p_j + n·L - p_i); after reduction every image in the window has |n| ≲ cutoff / (the
+    shortest lattice vector) + 1. The model is exactly invariant to both changes, and the
+    atoms keep their order, so forces per atom and the stress are those of the input. Only
+    the periodic axes are reduced and wrapped (``ase.geometry.minkowski_reduce`` respects
+    pbc). Already wrapped positions and reduced cells come back bit-identical.
+    """
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    try:
+        cell = np.array(minkowski_reduce(np.array(atoms.cell, dtype=float), pbc)[0], dtype=float)
+    except (RuntimeError, np.linalg.LinAlgError) as err:
+        raise StructureError(f"{label}: the cell cannot be reduced ({err})") from err
+    positions = np.array(atoms.positions, dtype=float)
+    box = _complete_basis(cell, pbc)
+    whole = np.floor(np.linalg.solve(box.T, positions.T).T)  # (n, 3) lattice vectors to remove
+    whole[:, ~pbc] = 0.0
+    return positions - whole @ box, cell
+
+
+def _search_box(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    """The cell on periodic axes; vectors longer than the structure plus ``cutoff`` on the others."""
+    return _complete_basis(cell, pbc, np.ptp(positions, axis=0).max() + cutoff + 1.0)
+
+
+#: Storage type of image shifts; ``build_window`` refuses a window whose shifts it cannot hold.
+SHIFT_DTYPE = np.int16
 
 
 def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Window:
     """Check ``atoms`` and list every image within ``cutoff`` Å of every atom.
 
-    Raises ``StructureError`` for the bad inputs of ``structures.check_atoms`` and for atoms
-    closer than 0.1 Å to another atom or to a periodic image of themselves.
+    The window is built on wrapped positions in a reduced cell (``reduce_cell``), which it
+    records. Raises ``StructureError`` for the bad inputs of ``structures.check_atoms``, for
+    atoms closer than 0.1 Å to another atom or to a periodic image of themselves, and for
+    a window whose image shifts would not fit their storage type.
     """
     label = label or describe(atoms)
     check_atoms(atoms, label)
-    positions = np.asarray(atoms.positions, dtype=float)
+    positions, cell = reduce_cell(atoms, label)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
     n = len(atoms)
     search = vesin.NeighborList(cutoff=cutoff, full_list=True)
-    i, j, shift, dist = search.compute(
-        positions, _search_box(atoms, cutoff), np.asarray(atoms.pbc, dtype=bool), "ijSd"
-    )
+    i, j, shift, dist = search.compute(positions, _search_box(positions, cell, pbc, cutoff), pbc, "ijSd")
     if dist.size and dist.min() < MIN_DISTANCE:
         k = int(np.argmin(dist))
         what = "its own periodic image" if i[k] == j[k] else f"atom {int(j[k])}"
         raise StructureError(
             f"{label}: atom {int(i[k])} is {dist[k]:.3g} Å from {what} "
             f"(overlapping atoms; minimum {MIN_DISTANCE} Å)"
+        )
+    largest = int(np.abs(shift).max()) if shift.size else 0
+    if largest > np.iinfo(SHIFT_DTYPE).max:
+        raise StructureError(
+            f"{label}: a {cutoff} Å window needs images {largest} cells away, more than "
+            f"{np.iinfo(SHIFT_DTYPE).max}; the cell is too thin for this cutoff"
         )
     # Add the self image (i, i, n = 0), which the neighbour search leaves out.
     atoms_idx = np.arange(n)
@@ -118,11 +147,11 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
     return Window(
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
         positions=positions,
-        cell=np.array(atoms.cell, dtype=float),
+        cell=cell,
         # Compact dtypes: a training set's cached windows are ~1 GB otherwise.
         center=center.astype(np.int32),
         neighbor=neighbor.astype(np.int32),
-        shift=shift.astype(np.int16),
+        shift=shift.astype(SHIFT_DTYPE),
         slot=slot.astype(np.int32),
         pair=pair.reshape(-1).astype(np.int32),
         pair_i=(keys // n).astype(np.int32),

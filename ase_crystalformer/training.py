@@ -6,9 +6,12 @@ A run directory holds everything needed to watch, stop and resume a run:
 * ``state.pt``: optimizer, scheduler, SWA and RNG state, read with ``weights_only=True``;
 * ``log.jsonl``: one line per epoch; ``report.json``: val/test metrics at the end.
 
-Every file is written atomically at the end of an epoch, so a run killed at any moment
-loses at most the epoch in progress, and ``resume=True`` continues bit for bit.
-Under ``torchrun`` each process takes a slice of every batch (DistributedDataParallel).
+The directory is locked for the run (``rundir.py``). Every file is replaced atomically at
+the end of an epoch, models and log first and ``state.pt`` last: ``state.pt`` is the commit
+point and holds the log too, so a run killed at any moment resumes from its last completed
+epoch (files already written for the lost epoch are rewritten identically) and
+``resume=True`` continues bit for bit. Under ``torchrun`` each process takes a slice of
+every batch (DistributedDataParallel).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -33,15 +37,16 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .config import ModelConfig, TargetSpec, TrainConfig
 from .data import Dataset
 from .domain import training_domain
-from .errors import DataError, StructureError
+from .errors import DataError, RunError, StructureError
 from .forces import energy_forces_stress
 from .geometry import Window, build_window, collate
 from .inference import resolve_device
 from .model import Crystalformer
+from .rundir import STATE_NAME, run_directory
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "state.pt"
+LOG_NAME = "log.jsonl"
 
 
 @dataclass
@@ -125,10 +130,15 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(obj: Any, path: Path) -> None:
+def _write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """Replace ``path`` atomically with ``obj`` as JSON."""
+    _write_text(json.dumps(obj, indent=2), path)
 
 
 def _distributed() -> tuple[int, int]:
@@ -181,6 +191,7 @@ class Trainer:
         self.step = 0
         self.best_val = float("inf")
         self.wall_time = 0.0
+        self.history: list[dict[str, Any]] = []  # the log.jsonl lines of completed epochs
         self.network: nn.Module = model
         if self.world > 1:
             self.network = nn.parallel.DistributedDataParallel(model)
@@ -198,6 +209,7 @@ class Trainer:
             "best_val": self.best_val,
             "wall_time": self.wall_time,
             "train_config": json.dumps(self.config.to_dict()),
+            "log": json.dumps(self.history),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,15 +223,29 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_val = float(state["best_val"])
         self.wall_time = float(state["wall_time"])
+        if "log" in state:
+            self.history = json.loads(state["log"])
+        else:  # a state written before the log moved into it: the log's first lines
+            log_path = self.out_dir / LOG_NAME
+            lines = log_path.read_text().splitlines()[: self.epoch] if log_path.is_file() else []
+            self.history = [json.loads(line) for line in lines]
 
-    def resume(self) -> None:
-        path = self.out_dir / STATE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: nothing to resume (no training state in {self.out_dir})")
+    def resume(self, path: Path) -> None:
+        """Continue from the training state ``path`` (the run directory's ``state.pt``)."""
         # Load on the CPU: the shuffling generator's state must stay a CPU tensor; the
         # optimizer and model states are moved to the device by their load_state_dict.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = TrainConfig.from_dict(json.loads(state["train_config"]))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = TrainConfig.from_dict(json.loads(state["train_config"]))
+        except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+            # torch's own text for a refused pickle suggests weights_only=False: never do that.
+            detail = "damaged, or not written by ase-crystalformer" if isinstance(
+                err, pickle.UnpicklingError) else (str(err).strip().splitlines() or [""])[0]
+            found = sorted(p.name for p in self.out_dir.iterdir())
+            raise RunError(
+                f"{path}: cannot read the training state ({type(err).__name__}: {detail}); "
+                f"{self.out_dir} holds {found}; start the run again (--overwrite)"
+            ) from err
         # Until SWA has begun, a run may be given other epochs/swa_epochs; nothing else may change.
         extendable = state["swa"] is None and int(state["epoch"]) <= self.config.epochs - self.config.swa_epochs
         comparable = (
@@ -231,7 +257,12 @@ class Trainer:
                 f"saved {saved}, given {self.config}"
             )
         self.load_state_dict(state)
+        if self.rank == 0:  # drop the line of an epoch that was lost before its state was saved
+            self._write_log()
         log.info("resumed %s at epoch %d, step %d", self.out_dir, self.epoch, self.step)
+
+    def _write_log(self) -> None:
+        _write_text("".join(json.dumps(line) + "\n" for line in self.history), self.out_dir / LOG_NAME)
 
     def _new_swa(self) -> torch.optim.swa_utils.AveragedModel:
         # Created from the current model so that frozen buffers (σ statistics, target
@@ -354,7 +385,6 @@ class Trainer:
 
     def fit(self) -> None:
         c = self.config
-        log_path = self.out_dir / "log.jsonl"
         while self.epoch < c.epochs:
             start = time.perf_counter()
             stats = self.train_epoch()
@@ -366,15 +396,16 @@ class Trainer:
                 self.best_val = val["val_loss"]
             summary = {"epoch": self.epoch, "step": self.step, **stats, **val,
                        "best_val_loss": self.best_val, "wall_time_s": round(self.wall_time, 1)}
+            self.history.append(summary)
             if self.rank == 0:
+                # state.pt last: until it is replaced, the previous epoch is the one resumed.
                 if improved or not self.val_set:
                     self._save_model(self.model, "best.safetensors", {"selected_by": "val_loss", **val})
                 self._save_model(self.model, "latest.safetensors", val)
                 if self.swa is not None:
                     self._save_model(self.swa.module, "swa.safetensors", {"swa_epochs": c.swa_epochs})
+                self._write_log()
                 _atomic_torch_save(self.state_dict(), self.out_dir / STATE_NAME)
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(summary) + "\n")
                 if self.on_epoch:
                     self.on_epoch(summary)
 
@@ -389,6 +420,7 @@ def train(
     init_from: str | Path | Crystalformer | None = None,
     freeze_encoder: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     device: str = "cpu",
     command: str = "",
     progress: bool = True,
@@ -398,52 +430,55 @@ def train(
     """Train (or fine-tune, with ``init_from``) on ``dataset``'s train split; return the report.
 
     ``targets`` name dataset columns; an ``energy``-kind target learns total energy per atom
-    (and forces/stress when their loss weights are > 0).
+    (and forces/stress when their loss weights are > 0). ``out_dir`` is locked for the run;
+    it must not hold another run unless ``resume`` (continue it) or ``overwrite`` (remove
+    its files first). The report lists every skipped structure with its reason, those the
+    loader could not read included.
     """
     config = config or TrainConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    if not dataset.splits.get("train"):
-        raise DataError(f"dataset {dataset.name!r} has no training split")
-    model = _initial_model(targets, model_config, init_from, freeze_encoder)
-    cutoff = model.config.cutoff
-    train_ex, skipped = make_examples(dataset, dataset.splits["train"], model.config.targets, cutoff)
-    val_ex, skipped_val = make_examples(dataset, dataset.splits.get("val", []), model.config.targets, cutoff)
-    skipped += skipped_val
-    for ident, reason in skipped:
-        log.warning("skipped %s: %s", ident, reason)
-    if not train_ex:
-        raise DataError("no usable training structure")
-    if not resume:
+    with run_directory(out_dir, resume=resume, overwrite=overwrite) as run:
+        out = run.path
+        torch.manual_seed(config.seed)
+        if not dataset.splits.get("train"):
+            raise DataError(f"dataset {dataset.name!r} has no training split")
+        model = _initial_model(targets, model_config, init_from, freeze_encoder)
+        cutoff = model.config.cutoff
+        train_ex, refused = make_examples(dataset, dataset.splits["train"], model.config.targets, cutoff)
+        val_ex, refused_val = make_examples(dataset, dataset.splits.get("val", []), model.config.targets, cutoff)
+        skipped = [*dataset.skipped, *refused, *refused_val]
+        for ident, reason in skipped:
+            log.warning("skipped %s: %s", ident, reason)
+        if not train_ex:
+            raise DataError("no usable training structure")
+        # Also on resume (bit for bit the same): the state's buffers then replace these.
         y = np.stack([e.y for e in train_ex])
         mean, std = np.nanmean(y, axis=0), np.nanstd(y, axis=0)  # population std
         model.target_mean.copy_(torch.as_tensor(mean))
         model.target_std.copy_(torch.as_tensor(np.where(std > 0, std, 1.0)))
-    metadata = {
-        "data": {"name": dataset.name, **dataset.provenance},
-        "split_sizes": {k: len(v) for k, v in dataset.splits.items()},
-        "train_ids_sha256": ids_digest([e.id for e in train_ex]),
-        "val_ids_sha256": ids_digest([e.id for e in val_ex]),
-        "n_train": len(train_ex),
-        "n_skipped": len(skipped),
-        "domain": training_domain((e.window.numbers for e in train_ex), base=model.metadata.get("domain")),
-        "train_config": config.to_dict(),
-        "command": command,
-        "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
-        "init_from": str(init_from) if init_from is not None and not isinstance(init_from, nn.Module) else None,
-    }
-    trainer = Trainer(model, train_ex, val_ex, config, out, device=resolve_device(device),
-                      metadata=metadata, progress=progress, on_epoch=on_epoch,
-                      num_workers=num_workers)
-    if resume:
-        trainer.resume()
-    trainer.fit()
-    report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1),
-              "n_train": len(train_ex), "skipped": skipped}
-    if trainer.rank == 0:
-        _write_json(report, out / "report.json")
-    return report
+        metadata = {
+            "data": {"name": dataset.name, **dataset.provenance},
+            "split_sizes": {k: len(v) for k, v in dataset.splits.items()},
+            "train_ids_sha256": ids_digest([e.id for e in train_ex]),
+            "val_ids_sha256": ids_digest([e.id for e in val_ex]),
+            "n_train": len(train_ex),
+            "n_skipped": len(refused) + len(refused_val),
+            "domain": training_domain((e.window.numbers for e in train_ex), base=model.metadata.get("domain")),
+            "train_config": config.to_dict(),
+            "command": command,
+            "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
+            "init_from": str(init_from) if init_from is not None and not isinstance(init_from, nn.Module) else None,
+        }
+        trainer = Trainer(model, train_ex, val_ex, config, out, device=resolve_device(device),
+                          metadata=metadata, progress=progress, on_epoch=on_epoch,
+                          num_workers=num_workers)
+        if run.state is not None:
+            trainer.resume(run.state)
+        trainer.fit()
+        report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1),
+                  "n_train": len(train_ex), "skipped": [list(item) for item in skipped]}
+        if trainer.rank == 0:
+            write_json(report, out / "report.json")
+        return report
 
 
 def _initial_model(

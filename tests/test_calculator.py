@@ -277,3 +277,38 @@ def test_ase_plugin_resolves_to_the_calculator() -> None:
     (plugin,) = ase_plugin.__ase_plugins__
     assert isinstance(plugin, plugins.CalculatorPlugin)
     assert plugin.implementation is CrystalformerCalculator
+
+
+def test_one_calculator_shared_by_threads_gives_each_its_own_results() -> None:
+    """Threads share one calculator (ASE keeps the last structure and results on it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calc = CrystalformerCalculator(tiny_model(ENERGY, TargetSpec("bandgap", "eV")), device="cpu")
+    structures = [random_triclinic(seed, n) for seed, n in [(0, 3), (3, 3), (7, 4), (11, 2)]]
+    expected = [
+        (calc.get_potential_energy(a), calc.get_forces(a), calc.get_property("band_gap", a))
+        for a in structures
+    ]
+
+    def run(k: int) -> list[tuple[int, float, np.ndarray, float]]:
+        out = []
+        for step in range(30):
+            i = (k + step) % len(structures)
+            atoms = structures[i].copy()
+            out.append((i, calc.get_potential_energy(atoms), calc.get_forces(atoms),
+                        calc.get_property("band_gap", atoms)))
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for part in pool.map(run, range(4)) for r in part]
+    assert len(results) == 120
+    for i, energy, forces, gap in results:
+        assert energy == expected[i][0] and gap == expected[i][2]
+        np.testing.assert_array_equal(forces, expected[i][1])
+
+    import copy
+    import pickle
+
+    for twin in (pickle.loads(pickle.dumps(calc)), copy.deepcopy(calc)):  # the lock is not copied
+        assert twin._lock is not calc._lock
+        assert twin.get_potential_energy(structures[0].copy()) == expected[0][0]

@@ -7,6 +7,7 @@ structures and read back.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -613,8 +614,44 @@ def test_unknown_target_names_it_and_lists_the_available_ones(tmp_path):
         load_dataset("mp-megnet", ["gap"], data_dir=FIXTURES)
     path = tmp_path / "mine.csv"
     user_frame(crystals()).to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"\['note'\].*band_gap"):
-        load_dataset(path, ["note"])
+    with pytest.raises(DataError, match=r"\['nope'\]; available: \['band_gap', 'e_form'\]"):
+        load_dataset(path, ["nope"])
+
+
+def test_a_non_numeric_or_empty_target_column_says_what_is_wrong(tmp_path):
+    frame = user_frame(crystals())
+    frame["note"] = ["a", "b", "c"]
+    frame["mixed"] = ["1.0", "2.0", "abc"]
+    frame["blank"] = np.nan
+    path = tmp_path / "mine.csv"
+    frame.to_csv(path, index=False)
+    available = "available: ['band_gap', 'e_form']"
+    cases = {
+        "note": "column 'note' has no numeric values (first bad value 'a' in row 0)",
+        "mixed": "column 'mixed' has non-numeric values (first bad value 'abc' in row 2; 1 of 3 rows)",
+        "blank": "column 'blank' is empty",
+    }
+    for column, problem in cases.items():
+        with pytest.raises(DataError) as info:
+            load_dataset(path, [column])
+        assert str(info.value) == f"mine.csv: {problem}; {available}"
+    assert load_dataset(path).targets == ["band_gap", "e_form"]  # an empty column is no target
+    # Only the structure column and an empty one: nothing numeric at all.
+    only = tmp_path / "only.csv"
+    frame[["cif", "blank"]].to_csv(only, index=False)
+    with pytest.raises(DataError, match=r"^only.csv: column 'blank' is empty; available: none$"):
+        load_dataset(only, "blank")
+    # JSON keys, and a numeric key that is NaN everywhere.
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    rows = [{"structure": AseAtomsAdaptor.get_structure(a).as_dict(), "label": "metal", "gap": float("nan")}
+            for a in crystals()]
+    as_json = tmp_path / "mine.json"
+    as_json.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"key 'label' has no numeric values \(first bad value 'metal' in entry 0\)"):
+        load_dataset(as_json, "label")
+    with pytest.raises(DataError, match=r"target\(s\) \['gap'\] have no finite value in any of the 3 entries"):
+        load_dataset(as_json, "gap")
 
 
 def test_primitive_cells_replace_conventional_ones(tmp_path):
@@ -668,7 +705,7 @@ def test_fast_p1_cif_reader_matches_pymatgen_and_defers_other_cifs():
 def test_cache_round_trip_skips_parsing_on_the_second_load(tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     first = load_dataset("mp-megnet", data_dir=FIXTURES, cache_dir=cache)
-    assert len(list(cache.glob("*.pkl"))) == 1
+    assert len(list(cache.glob("*.npz"))) == 1
 
     def no_parsing(*args, **kwargs):
         raise AssertionError("parsed again instead of using the cache")
@@ -683,7 +720,7 @@ def test_cache_round_trip_skips_parsing_on_the_second_load(tmp_path, monkeypatch
         load_dataset("mp-megnet", ["e_form"], data_dir=FIXTURES, cache_dir=cache)
     # A corrupted cache file is rebuilt, not trusted.
     monkeypatch.undo()
-    next(cache.glob("*.pkl")).write_bytes(b"not a pickle")
+    next(cache.glob("*.npz")).write_bytes(b"not a pickle")
     with caplog.at_level(logging.WARNING, logger="ase_crystalformer.data"):
         third = load_dataset("mp-megnet", data_dir=FIXTURES, cache_dir=cache)
     assert "unreadable" in caplog.text and third.records == first.records
@@ -706,3 +743,120 @@ def test_dataset_helpers():
     with pytest.raises(DataError, match="no split 'dev'"):
         ds.subset("dev")
     json.dumps(ds.provenance)  # goes into checkpoint metadata
+
+
+class _PlantedPayload:
+    """Unpickling this creates ``marker``: the proof that a cache file ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_cache_never_unpickles_a_planted_file(tmp_path, caplog):
+    import pickle
+
+    cache = tmp_path / "cache"
+    first = load_dataset("mp-megnet", data_dir=FIXTURES, cache_dir=cache)
+    marker = tmp_path / "code-ran"
+    (entry,) = [p for p in cache.iterdir() if p.is_file()]
+    entry.write_bytes(pickle.dumps(_PlantedPayload(marker)))
+    with caplog.at_level(logging.WARNING, logger="ase_crystalformer.data"):
+        second = load_dataset("mp-megnet", data_dir=FIXTURES, cache_dir=cache)
+    assert not marker.exists()
+    assert "rebuilding unreadable dataset cache" in caplog.text and str(entry) in caplog.text
+    assert second.records == first.records
+    assert pickle.dumps(_PlantedPayload(marker)) not in entry.read_bytes()  # rebuilt in place
+
+
+def test_cache_rebuilds_a_foreign_stale_or_truncated_entry(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    mine, other = tmp_path / "mine.csv", tmp_path / "other.csv"
+    user_frame(crystals()).to_csv(mine, index=False)
+    user_frame(crystals()[:2]).to_csv(other, index=False)
+    fresh = load_dataset(mine, cache_dir=cache)
+    load_dataset(other, cache_dir=cache)
+    mine_entry, other_entry = (next(cache.glob(f"{name}-*")) for name in ("mine.csv", "other.csv"))
+    # Another file's entry under this file's name (a copied cache folder, a stale key).
+    shutil.copyfile(other_entry, mine_entry)
+    with caplog.at_level(logging.WARNING, logger="ase_crystalformer.data"):
+        again = load_dataset(mine, cache_dir=cache)
+    assert [r.id for r in again.records] == ["x-0", "x-1", "x-2"] and again.records == fresh.records
+    assert "written for other data" in caplog.text
+    # A truncated entry (a full disk, a copy stopped halfway).
+    data = mine_entry.read_bytes()
+    mine_entry.write_bytes(data[: len(data) // 2])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ase_crystalformer.data"):
+        assert load_dataset(mine, cache_dir=cache).records == fresh.records
+    assert "rebuilding unreadable dataset cache" in caplog.text
+
+
+def test_cache_round_trip_keeps_forces_stress_skipped_and_windows(tmp_path):
+    from ase_crystalformer.geometry import build_window
+
+    path = tmp_path / "frames.xyz"
+    shutil.copyfile(FIXTURES / "forces/mptrj-3.xyz", path)
+    cache = tmp_path / "cache"
+    fresh = load_dataset(path, split="ratio", cache_dir=cache)
+    cached = load_dataset(path, split="ratio", cache_dir=cache)
+    assert "cache_file" in fresh.provenance
+    assert cached.records == fresh.records and cached.splits == fresh.splits
+    assert cached.provenance == fresh.provenance and cached.units == fresh.units
+    assert all(r.forces is not None and r.stress is not None for r in cached.records)
+    for a, b in zip(fresh.records, cached.records, strict=True):
+        wa, wb = build_window(a.atoms, 6.0), build_window(b.atoms, 6.0)
+        for field in dataclasses.fields(wa):
+            np.testing.assert_array_equal(getattr(wa, field.name), getattr(wb, field.name))
+    # Skipped rows survive the cache with their reasons.
+    frame = user_frame(crystals())
+    frame.loc[1, "cif"] = "data_broken\n_cell_length_a 1\nnonsense"
+    broken = tmp_path / "broken.csv"
+    frame.to_csv(broken, index=False)
+    first = load_dataset(broken, cache_dir=cache)
+    assert load_dataset(broken, cache_dir=cache).skipped == first.skipped != []
+
+
+# -- bounded parsing of dict cells ----------------------------------------------------------
+
+
+def test_dict_cells_are_bounded_and_bad_ones_are_reported_rows(tmp_path):
+    from ase_crystalformer.data.parse import MAX_LITERAL_CHARS, atoms_from_text
+
+    frame = user_frame(crystals())
+    # A Python-literal dict just over the limit: refused before ast runs, with the limit named.
+    long_literal = "{'sites': [" + " " * (MAX_LITERAL_CHARS - 12) + "]}"
+    assert len(long_literal) == MAX_LITERAL_CHARS + 1
+    with pytest.raises(DataError, match=f"limit of {MAX_LITERAL_CHARS:,} characters"):
+        atoms_from_text(long_literal)
+    # Nesting that makes ast raise MemoryError, and JSON that makes json raise RecursionError.
+    deep_literal = "{'a': " + "-" * 100_000 + "1}"
+    with pytest.raises(DataError, match="nested too deeply to read as a Python literal"):
+        atoms_from_text(deep_literal)
+    deep_json = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(DataError, match="nested too deeply to read as JSON"):
+        atoms_from_text(deep_json)
+    with pytest.raises(DataError, match="neither JSON nor a Python literal"):
+        atoms_from_text("{'a': os.system('true')}")
+    # In a training file each is one skipped row with its id, cell and reason; the rest load.
+    frame["cif"] = frame["cif"].astype(object)
+    frame.loc[0, "cif"] = deep_literal
+    frame.loc[1, "cif"] = long_literal
+    path = tmp_path / "dicts.csv"
+    frame.to_csv(path, index=False)
+    ds = load_dataset(path, "e_form")
+    assert [r.id for r in ds.records] == ["x-2"]
+    reasons = dict(ds.skipped)
+    assert reasons["x-0"].startswith("row 0, column 'cif': structure dict nested too deeply")
+    assert reasons["x-1"].startswith("row 1, column 'cif': structure text of")
+
+
+def test_a_deeply_nested_json_file_is_a_data_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep.json: cannot read JSON \(RecursionError"):
+        load_dataset(path)

@@ -138,14 +138,14 @@ def test_cli_featurize_table(model, frame, tmp_path) -> None:
     pd.DataFrame({"cif": [cifs[0], "not a structure", cifs[1]], "y": [1, 2, 3]}).to_csv(tmp_path / "in.csv", index=False)
     args = ["featurize", str(tmp_path / "in.csv"), "--column", "cif", "--model", str(tmp_path / "tiny"), "--device", "cpu"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out.csv")])
-    assert result.exit_code != 0 and "row 1" in result.output
+    assert result.exit_code != 0 and "in.csv@1: cannot read the structure" in result.output
 
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out.json"), "--ignore-errors", "--mode", "both"])
     assert result.exit_code == 0, result.output
     out = pd.read_json(tmp_path / "out.json")
     assert list(out.columns[:2]) == ["y", "crystalformer emb 0"] and "cif" not in out.columns
     assert np.isnan(out["crystalformer band_gap"][1]) and np.isfinite(out["crystalformer band_gap"][[0, 2]]).all()
-    assert out["crystalformer_error"][1].startswith("cannot read the structure")
+    assert "in.csv@1: cannot read the structure" in out["crystalformer_error"][1]
     with torch.no_grad():
         expected = model.embed(model.make_batch([frame.structure[3]]))[0, 0].item()
     assert out["crystalformer emb 0"][2] == pytest.approx(expected, rel=1e-5, abs=1e-6)
@@ -171,3 +171,78 @@ def test_cli_featurize_parquet_round_trip(model, frame, tmp_path) -> None:
     with torch.no_grad():
         expected = model.embed(model.make_batch([frame.structure[3]]))[0, 0].item()
     assert out["crystalformer emb 0"][1] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+_MULTIPLE_AT_DEFAULTS = """
+import multiprocessing, sys
+import numpy as np, pandas as pd, torch
+from ase.build import bulk
+from matminer.featurizers.base import MultipleFeaturizer
+from matminer.featurizers.structure import DensityFeatures
+from pymatgen.io.ase import AseAtomsAdaptor
+sys.path.insert(0, sys.argv[1])
+from test_featurizer import tiny_model
+from ase_crystalformer.featurizer import CrystalformerFeaturizer
+
+torch.set_num_threads(2)
+cells = [("Si", "diamond", 5.43), ("Cu", "fcc", 3.6), ("NaCl", "rocksalt", 5.64), ("MgO", "rocksalt", 4.21)]
+df = pd.DataFrame({"s": [AseAtomsAdaptor.get_structure(bulk(*c)) for c in cells * 3]})
+ours = CrystalformerFeaturizer(tiny_model(), device="cpu")
+direct = np.array(ours.featurize_many(df.s, pbar=False))  # torch has run its threads here
+multi = MultipleFeaturizer([DensityFeatures(), ours])
+if multiprocessing.cpu_count() < 2:  # the default n_jobs is the core count: make it a pool
+    multi.set_n_jobs(2)
+out = multi.featurize_dataframe(df, "s", pbar=False)
+density = DensityFeatures()
+density.set_n_jobs(1)
+expected = np.array(density.featurize_many(df.s, pbar=False))
+np.testing.assert_allclose(out[ours.feature_labels()].to_numpy(float), direct, rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(out[density.feature_labels()].to_numpy(float), expected, rtol=1e-12)
+print("OK", out.shape)
+"""
+
+
+def test_multiple_featurizer_at_matminer_defaults_finishes(tmp_path) -> None:
+    """matminer forks a pool per MultipleFeaturizer; a forked worker must not hang in torch.
+
+    On the old code this hung forever, so it runs in a subprocess with a timeout.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "multiple.py"
+    script.write_text(_MULTIPLE_AT_DEFAULTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # the suite may run with 1, which hides the hang
+    with subprocess.Popen(
+        [sys.executable, str(script), str(Path(__file__).parent)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    ) as done:
+        try:
+            stdout, stderr = done.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(done.pid, signal.SIGKILL)  # the pool's workers too, not just the parent
+            pytest.fail("MultipleFeaturizer with CrystalformerFeaturizer hung for 120 s")
+    assert done.returncode == 0, stderr
+    assert stdout.strip() == "OK (12, 20)"
+
+
+def test_multiple_featurizer_over_featurizers_stays_batched(model, frame, monkeypatch) -> None:
+    from matminer.featurizers.base import MultipleFeaturizer
+    from matminer.featurizers.structure import DensityFeatures
+
+    ours = CrystalformerFeaturizer(model, device="cpu", batch_size=2)
+    sizes: list[int] = []
+    run = ours._run
+    monkeypatch.setattr(ours, "_run", lambda m, windows: sizes.append(len(windows)) or run(m, windows))
+    good = [AseAtomsAdaptor.get_structure(s) if isinstance(s, Atoms) else s for s in frame.structure[[0, 1, 3]]] * 2
+    density = DensityFeatures()
+    density.set_n_jobs(1)
+    multi = MultipleFeaturizer([density, ours], iterate_over_entries=False)
+    out = multi.featurize_many(good, pbar=False)
+    assert sizes == [2, 2, 2]  # batches of batch_size, not one structure at a time
+    with torch.no_grad():
+        expected = model.embed(model.make_batch(good)).numpy()
+    np.testing.assert_allclose(np.array(out)[:, 3:], expected, rtol=1e-5, atol=1e-6)

@@ -1,15 +1,18 @@
 """Exact symmetries of the model: the window is a sphere, so the cell choice cannot matter."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.build import make_supercell
+from ase.io import read
 from conftest import spread_sigma
 from scipy.spatial.transform import Rotation
 from structures_for_tests import random_crystal
 
-from ase_crystalformer import Crystalformer, ModelConfig
+from ase_crystalformer import Crystalformer, ModelConfig, TargetSpec
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +121,72 @@ def test_primitive_option_gives_the_same_answer(model):
         assert len(primitive_cell(big)) == len(atoms)
         _close(model.predict(big, primitive=True), model.predict(atoms))
         _close(model.predict(big, primitive=True), model.predict(big))
+
+
+NACL = Path(__file__).resolve().parent.parent / "examples" / "structures" / "NaCl_mp-22862.cif"
+FAR = 40_000  # lattice vectors: shifts beyond int16 if the window used the cell as given
+
+
+def far_and_skewed(atoms: Atoms) -> dict[str, Atoms]:
+    """The same crystal with an atom unwrapped by FAR lattice vectors, with the basis
+    b' = b + FAR·a (valid, extremely skewed), and with both (an atom 5·b' away: 1e6 Å, as
+    far as float64 positions keep 1e-10 Å)."""
+    far = atoms.copy()
+    far.positions[0] += FAR * atoms.cell[0] - 3 * atoms.cell[2]
+    skewed = atoms.copy()
+    cell = np.array(atoms.cell)
+    cell[1] += FAR * cell[0]
+    skewed.set_cell(cell, scale_atoms=False)
+    both = skewed.copy()
+    both.positions[-1] -= 5 * cell[1]
+    return {"far": far, "skewed": skewed, "both": both}
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_far_unwrapped_atoms_and_skewed_bases_give_the_clean_prediction(dtype, rtol):
+    from ase_crystalformer import load_model
+
+    model = load_model("mp-e_form").to(dtype)
+    clean = read(NACL)
+    want = model.predict(clean)
+    assert want[0] == pytest.approx(-2.106, abs=1e-3)
+    for name, atoms in far_and_skewed(clean).items():
+        np.testing.assert_allclose(model.predict(atoms), want, rtol=rtol, err_msg=name)
+
+
+def test_forces_and_stress_of_far_and_skewed_inputs_are_those_of_the_clean_cell():
+    from ase_crystalformer.calculator import CrystalformerCalculator
+
+    torch.manual_seed(3)
+    energy = TargetSpec("energy", "eV/atom", kind="energy")
+    model = Crystalformer(ModelConfig(n_blocks=1, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32,
+                                      activation="silu", targets=(energy,)))
+    spread_sigma(model)
+    calc = CrystalformerCalculator(model.eval(), dtype="float64", device="cpu")
+    clean = crystals(1, seed=41)[0]
+    clean.rattle(0.05, seed=1)
+    clean.calc = calc
+    forces, stress, total = clean.get_forces(), clean.get_stress(), clean.get_potential_energy()
+    assert np.abs(forces).max() > 1e-3  # a rattled cell has forces worth comparing
+    for name, atoms in far_and_skewed(clean).items():
+        atoms.calc = calc
+        assert atoms.get_potential_energy() == pytest.approx(total, rel=1e-10), name
+        np.testing.assert_allclose(atoms.get_forces(), forces, rtol=1e-7, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(atoms.get_stress(), stress, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+def test_far_and_skewed_slabs_and_wires(model):
+    """Only periodic axes are reduced and wrapped; an open axis may hold a zero vector."""
+    from ase.build import fcc111
+
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    slab.rattle(0.05, seed=0)
+    flat = slab.copy()
+    flat.cell[2] = 0.0
+    wire = Atoms("CN", positions=[[0, 0, 0], [0.2, 0, 1.3]], cell=[0, 0, 2.6], pbc=[False, False, True])
+    for atoms in (slab, flat, wire):
+        moved = atoms.copy()
+        moved.positions[-1] += FAR * atoms.cell[2 if atoms is wire else 0]
+        _close(model.predict(moved), model.predict(atoms))
+    for atoms in (slab, flat):
+        _close(model.predict(far_and_skewed(atoms)["both"]), model.predict(atoms))

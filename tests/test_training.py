@@ -5,6 +5,7 @@ with their MEGNet labels, copied from the shared data.
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from ase_crystalformer.checkpoint import load_model
 from ase_crystalformer.cli import main
 from ase_crystalformer.config import TrainConfig
 from ase_crystalformer.data import Record, load_dataset
+from ase_crystalformer.errors import RunError
 from ase_crystalformer.evaluation import evaluate
 from ase_crystalformer.training import train
 
@@ -101,8 +103,11 @@ def test_resume_refuses_a_changed_recipe(dataset, tmp_path):
     with pytest.raises(ValueError, match="different training config"):
         train(dataset, E_FORM, tmp_path, config=TrainConfig(epochs=3, batch_size=4, swa_epochs=0),
               model_config=TINY, resume=True, progress=False)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(RunError, match=r"empty: nothing to resume: no training state \(state.pt\)"):
         _train(dataset, tmp_path / "empty", resume=True)
+    (tmp_path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(RunError, match=r"state.pt: cannot read the training state \(.*\); .* holds \["):
+        _train(dataset, tmp_path, epochs=2, swa=0, resume=True)
 
 
 @pytest.mark.filterwarnings("ignore::ase_crystalformer.domain.OutOfDomainWarning")  # 24 training structures
@@ -126,6 +131,145 @@ def test_broken_structure_is_skipped_and_reported(dataset, tmp_path):
     assert [i for i, _ in report["skipped"]] == ["mp-broken"]
     assert "overlapping" in report["skipped"][0][1]
     assert load_model(tmp_path / "best.safetensors").metadata["n_skipped"] == 1
+
+
+def test_every_skipped_structure_is_in_the_report_and_the_log(dataset, tmp_path, caplog):
+    """Rows the loader could not read and structures the model refuses, from every split."""
+    broken = Atoms("Cu2", positions=[[0, 0, 0], [0.01, 0, 0]], cell=np.eye(3) * 3, pbc=True)
+    records = list(dataset.records) + [Record(f"mp-broken-{k}", broken, {"e_form": 0.1}) for k in range(2)]
+    n = len(dataset.records)
+    splits = {**dataset.splits, "train": [*dataset.splits["train"], n], "val": [*dataset.splits["val"], n + 1]}
+    unreadable = [("mp-unreadable-0", "row 3, column 'cif': cannot parse CIF text"),
+                  ("mp-unreadable-1", "row 7, column 'cif': structure dict nested too deeply")]
+    data = replace(dataset, records=records, splits=splits, skipped=unreadable)
+    with caplog.at_level(logging.WARNING, logger="ase_crystalformer.training"):
+        report = _train(data, tmp_path, epochs=1, swa=0)
+    expected = ["mp-unreadable-0", "mp-unreadable-1", "mp-broken-0", "mp-broken-1"]
+    on_disk = json.loads((tmp_path / "report.json").read_text())["skipped"]
+    assert [i for i, _ in report["skipped"]] == [i for i, _ in on_disk] == expected
+    assert on_disk[:2] == [list(item) for item in unreadable]
+    assert all("overlapping" in reason for _, reason in on_disk[2:])
+    for ident, reason in on_disk:
+        assert f"skipped {ident}: {reason}" in caplog.text
+
+
+class Killed(BaseException):
+    """A simulated kill: not an Exception, so that no handler in the code under test catches it."""
+
+
+def _weights(out):
+    return {name: load_model(Path(out) / name).state_dict()
+            for name in ("best.safetensors", "latest.safetensors", "swa.safetensors")}
+
+
+def test_resume_after_a_kill_at_any_write_ends_with_the_uninterrupted_weights(dataset, tmp_path, monkeypatch, caplog):
+    """Kill the run before each file replacement of its writes (models, log, state, report)
+    in turn; ``resume`` must finish with the same weights, bit for bit, and no stale files."""
+    small = replace(dataset, splits={"train": dataset.splits["train"][:8], "val": dataset.splits["val"][:4]})
+    config = TrainConfig(epochs=2, batch_size=4, swa_epochs=1, lr=2e-3)
+
+    def run(out, resume=False):
+        return train(small, E_FORM, out, config=config, model_config=TINY, resume=resume, progress=False)
+
+    real_replace, writes = os.replace, []
+
+    def counting(src, dst):
+        writes.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", counting)
+    run(tmp_path / "straight")
+    monkeypatch.undo()
+    assert writes.count("state.pt") == 2 and writes[-1] == "report.json"
+    reference, ref_log = _weights(tmp_path / "straight"), _log(tmp_path / "straight")
+    for k, name in enumerate(writes):
+        out = tmp_path / f"killed-{k}"
+        calls = []
+
+        def killing(src, dst, k=k):
+            calls.append(dst)
+            if len(calls) > k:
+                raise Killed
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", killing)
+        with pytest.raises(Killed):
+            run(out)
+        monkeypatch.undo()
+        assert (out / f"{name}.tmp").exists()  # the write in progress
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ase_crystalformer"):
+            run(out, resume=True)
+        if k < writes.index("state.pt") + 1:
+            assert "ended before completing its first epoch" in caplog.text, k
+        assert not list(out.glob("*.tmp")), k
+        assert [r["train_loss"] for r in _log(out)] == [r["train_loss"] for r in ref_log], k
+        for file, tensors in _weights(out).items():
+            assert all(torch.equal(tensors[key], reference[file][key]) for key in tensors), (k, name, file)
+
+
+def test_a_run_directory_is_locked_while_a_run_uses_it(dataset, tmp_path):
+    import threading
+
+    # A second trainer (another thread) while the first is between epochs.
+    out, errors = tmp_path / "threads", []
+
+    def second(summary):
+        def run():
+            try:
+                _train(dataset, out, epochs=1, swa=0)
+            except Exception as err:  # noqa: BLE001 - collected for the assertion below
+                errors.append(err)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+    _train(dataset, out, epochs=1, swa=0, on_epoch=second)
+    assert len(errors) == 1 and isinstance(errors[0], RunError)
+    assert str(errors[0]).startswith(f"run directory {out} is in use by another run (pid {os.getpid()},")
+    # Another process holding it.
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from ase_crystalformer.rundir import run_directory\n"
+         "with run_directory(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = f"run directory {out} is in use by another run (pid {holder.pid}, holding {out / 'run.lock'})"
+        with pytest.raises(RunError) as info:
+            _train(dataset, out, epochs=1, swa=0)
+        assert str(info.value).startswith(message)
+        result = CliRunner().invoke(main, ["train", "--data", str(FIXTURE), "--target", "e_form", "--epochs", "1",
+                                           "--out", str(out), "--device", "cpu", "--no-progress"])
+        assert result.exit_code != 0 and message in result.output
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing written beside the holder
+    finally:
+        holder.communicate("", timeout=30)
+    _train(dataset, out, epochs=1, swa=0)  # free again once the holder has exited
+
+
+def test_a_used_run_directory_is_refused_unless_overwritten(tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--data", str(FIXTURE), "--target", "e_form", "--batch-size", "8", "--blocks", "1",
+              "--cutoff", "7", "--out", str(out), "--device", "cpu", "--no-progress"]
+    runner = CliRunner()
+    first = runner.invoke(main, [*common, "--epochs", "2", "--swa-epochs", "1"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(main, [*common, "--epochs", "1", "--swa-epochs", "0"])
+    assert again.exit_code != 0
+    assert (f"run directory {out} holds another run (state.pt, log.jsonl, report.json, best.safetensors, "
+            "latest.safetensors, swa.safetensors); resume it (--resume), replace it (--overwrite)") in again.output
+    assert len(_log(out)) == 2  # untouched
+    fresh = runner.invoke(main, [*common, "--epochs", "1", "--swa-epochs", "0", "--overwrite"])
+    assert fresh.exit_code == 0, fresh.output
+    assert "swa_" not in fresh.output and not (out / "swa.safetensors").exists()
+    assert [r["epoch"] for r in _log(out)] == [1]
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["metrics"]) == ["best_test", "best_val"] and report["epochs_run"] == 1
+    both = runner.invoke(main, [*common, "--resume", "--overwrite"])
+    assert both.exit_code != 0 and "resume or overwrite, not both" in both.output
 
 
 def test_finetune_new_head_keeps_the_encoder(dataset, tmp_path):

@@ -29,8 +29,22 @@ def brute_force_images(atoms: Atoms, cutoff: float) -> set[tuple[int, int, int, 
     return found
 
 
-def window_set(window) -> set[tuple[int, int, int, int, int]]:
-    return {(int(i), int(j), *map(int, n)) for i, j, n in zip(window.center, window.neighbor, window.shift)}
+def window_set(window, atoms: Atoms) -> set[tuple[int, int, int, int, int]]:
+    """The window's images as (i, j, n) with n in the lattice basis of ``atoms``.
+
+    The window works on wrapped positions in a reduced cell; each of its image vectors must
+    be an image vector of the input, p_j + n·L - p_i with integer n along periodic axes.
+    """
+    i, j = window.center.astype(int), window.neighbor.astype(int)
+    r = window.positions[j] + window.shift @ window.cell - window.positions[i]
+    offset = r - (atoms.positions[j] - atoms.positions[i])
+    pbc, cell = atoms.pbc, np.asarray(atoms.cell)
+    n = np.zeros((len(i), 3))
+    n[:, pbc] = np.linalg.lstsq(cell[pbc].T, offset.T, rcond=None)[0].T
+    whole = np.rint(n)
+    np.testing.assert_allclose(n, whole, atol=1e-6)
+    np.testing.assert_allclose(whole @ cell, offset, atol=1e-6)
+    return {(int(a), int(b), *map(int, m)) for a, b, m in zip(i, j, whole)}
 
 
 def _skip_boundary(atoms, cutoff, found):
@@ -45,7 +59,7 @@ def test_window_is_complete_and_exact(seed):
     atoms = random_crystal(rng, int(rng.integers(1, 4)), scale=float(rng.uniform(2.0, 5.0)), min_dist=0.5)
     atoms.positions += rng.uniform(-8, 8, 3)  # unwrapped coordinates must work too
     cutoff = 6.0
-    got, want = window_set(build_window(atoms, cutoff)), brute_force_images(atoms, cutoff)
+    got, want = window_set(build_window(atoms, cutoff), atoms), brute_force_images(atoms, cutoff)
     assert _skip_boundary(atoms, cutoff, got) == _skip_boundary(atoms, cutoff, want)
     assert all((t[0], t[0], 0, 0, 0) in got for t in got)  # the self image is included
 
@@ -53,7 +67,7 @@ def test_window_is_complete_and_exact(seed):
 def test_tiny_one_atom_cell():
     atoms = Atoms("H", cell=[[1.5, 0, 0], [0.7, 1.4, 0], [0.3, 0.2, 1.6]], pbc=True)
     window = build_window(atoms, 5.0)
-    assert window_set(window) == brute_force_images(atoms, 5.0)
+    assert window_set(window, atoms) == brute_force_images(atoms, 5.0)
     assert window.n_images > 100
 
 
@@ -62,10 +76,10 @@ def test_partial_pbc_slab_has_images_only_along_periodic_axes():
     assert slab.pbc.tolist() == [True, True, False]
     window = build_window(slab, 7.0)
     assert (window.shift[:, 2] == 0).all()
-    assert window_set(window) == brute_force_images(slab, 7.0)
+    assert window_set(window, slab) == brute_force_images(slab, 7.0)
     wire = Atoms("C2", positions=[[0, 0, 0], [0, 0, 1.3]], cell=[0, 0, 2.6], pbc=[False, False, True])
     window = build_window(wire, 6.0)
-    assert (window.shift[:, :2] == 0).all() and len(window_set(window)) == len(brute_force_images(wire, 6.0))
+    assert (window.shift[:, :2] == 0).all() and window_set(window, wire) == brute_force_images(wire, 6.0)
 
 
 def test_no_periodic_axis_is_refused():
@@ -126,3 +140,15 @@ def test_overlapping_atoms_are_refused():
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [0.05, 0, 0]], cell=np.eye(3) * 3, pbc=True)
     with pytest.raises(StructureError, match="overlapping"):
         build_window(atoms, 6.0)
+
+
+def test_shifts_that_do_not_fit_their_dtype_are_refused(monkeypatch):
+    """Never a wrapped-around shift. Reduced cells keep real shifts far below int16's range,
+    so the guard is exercised with int8: a 0.2 Å wire needs shifts up to 150 at 30.1 Å."""
+    import ase_crystalformer.geometry as geometry
+
+    wire = Atoms("H", positions=[[0, 0, 0]], cell=[0, 0, 0.2], pbc=[False, False, True])
+    assert np.abs(build_window(wire, 30.1).shift).max() == 150
+    monkeypatch.setattr(geometry, "SHIFT_DTYPE", np.int8, raising=False)
+    with pytest.raises(StructureError, match=r"structure \(H\): a 30.1 Å window needs images 150 cells away, more than 127"):
+        build_window(wire, 30.1)

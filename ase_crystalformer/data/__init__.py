@@ -104,8 +104,9 @@ def load_dataset(
     target = None
     if cache_dir is not None:
         extra = {"structure_column": structure_column, "id_column": id_column, "kind": kind}
-        target = cache_path(cache_dir, Path(name).name, cache_key(name, files, options, extra))
-        cached = load_cached(target)
+        key = cache_key(name, files, options, extra)
+        target = cache_path(cache_dir, Path(name).name, key)
+        cached = load_cached(target, key)
         if cached is not None:
             return cached
     start = time.perf_counter()
@@ -120,5 +121,5 @@ def load_dataset(
     )
     if target is not None:
         dataset.provenance["cache_file"] = str(target)
-        save_cached(target, dataset)
+        save_cached(target, dataset, key)
     return dataset

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DataError
 from . import jarvis
 from .files import csv_entries, read_csv_frame
-from .parse import atoms_from_arrays, atoms_from_pmg_dict, atoms_from_text, read_json
+from .parse import atoms_from_arrays, atoms_from_cell, atoms_from_text, read_json
 from .pipeline import Source
 from .records import SPLIT_NAMES, Entry, as_float
 
@@ -257,14 +257,6 @@ def _elastic_rows(root: Path) -> list[tuple[str, Any, Any, Any, Any]]:
     return rows
 
 
-def _parse_any(structure: Any) -> Any:
-    return (
-        atoms_from_pmg_dict(structure)
-        if isinstance(structure, dict)
-        else atoms_from_text(structure)
-    )
-
-
 def _load_elastic(root: Path) -> Source:
     """MP elastic moduli (``k_vrh``, ``g_vrh``, GPa): one entry per id, sorted as strings.
 
@@ -286,7 +278,7 @@ def _load_elastic(root: Path) -> Source:
         else:
             chosen[rid] = (origin, k, g, structure)
     entries = [
-        Entry(rid, {"k_vrh": k, "g_vrh": g}, partial(_parse_any, s))
+        Entry(rid, {"k_vrh": k, "g_vrh": g}, partial(atoms_from_cell, s))
         for rid, (_, k, g, s) in sorted(chosen.items())
     ]
     origins: dict[str, int] = {}

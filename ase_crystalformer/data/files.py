@@ -20,8 +20,7 @@ import pandas as pd
 from ..errors import DataError
 from .jarvis import is_jarvis, load_jarvis
 from .parse import (
-    atoms_from_pmg_dict,
-    atoms_from_text,
+    atoms_from_cell,
     clean_atoms,
     first_present,
     read_json,
@@ -111,6 +110,7 @@ def csv_entries(
             and not c.startswith("Unnamed:")
             and pd.api.types.is_numeric_dtype(frame[c])
             and not pd.api.types.is_bool_dtype(frame[c])
+            and frame[c].notna().any()
         ]
     values = {t: pd.to_numeric(frame[t], errors="coerce").to_numpy(float) for t in target_columns}
     texts = frame[column].tolist()
@@ -129,7 +129,8 @@ def csv_entries(
             else normalise_split_name(label, f"{path} row {row}")
         )
         targets = {t: float(v[row]) for t, v in values.items()}
-        entries.append(Entry(rid, targets, partial(atoms_from_text, text), split))
+        where = f"row {row}, column {column!r}"
+        entries.append(Entry(rid, targets, partial(atoms_from_cell, text, where), split))
     return entries, list(target_columns)
 
 
@@ -137,10 +138,16 @@ def load_csv(
     path: Path, *, structure_column: str | None = None, id_column: str | None = None
 ) -> Source:
     """A CSV with a CIF/POSCAR/pymatgen-dict structure column and numeric target columns."""
+    frame = read_csv_frame(path)
     entries, targets = csv_entries(
-        read_csv_frame(path), path, structure_column=structure_column, id_column=id_column
+        frame, path, structure_column=structure_column, id_column=id_column
     )
-    return _source(path, "csv", entries, targets)
+    unusable = {
+        str(c): value_problem(f"column {str(c)!r}", frame[c].tolist(), "row")
+        for c in frame.columns
+        if str(c) not in targets
+    }
+    return _source(path, "csv", entries, targets, unusable)
 
 
 # -- extxyz and ASE db --------------------------------------------------------------------
@@ -202,7 +209,8 @@ def load_extxyz(path: Path, *, id_column: str | None = None) -> Source:
                 stress=None if stress is None else voigt_stress(stress),
             )
         )
-    return _source(path, "extxyz", entries)
+    problems = _key_problems([f.info for f in frames], _targets(entries), "frame")
+    return _source(path, "extxyz", entries, None, problems)
 
 
 def load_ase_db(path: Path, *, id_column: str | None = None) -> Source:
@@ -232,16 +240,11 @@ def load_ase_db(path: Path, *, id_column: str | None = None) -> Source:
                 stress=None if stress is None else voigt_stress(stress),
             )
         )
-    return _source(path, "ase db", entries)
+    pairs = [r.key_value_pairs for r in rows]
+    return _source(path, "ase db", entries, None, _key_problems(pairs, _targets(entries), "row"))
 
 
 # -- pymatgen JSON ------------------------------------------------------------------------
-
-
-def _parse_structure(value: Any) -> Any:
-    if isinstance(value, dict):
-        return atoms_from_pmg_dict(value)
-    return atoms_from_text(value)
 
 
 def load_pymatgen_json(
@@ -277,13 +280,14 @@ def load_pymatgen_json(
             Entry(
                 id=_id(row.get(id_key) if id_key else None, path, index),
                 targets=targets,
-                parse=partial(_parse_structure, structure),
+                parse=partial(atoms_from_cell, structure, f"entry {index}"),
                 split=normalise_split_name(label, f"{path} entry {index}")
                 if isinstance(label, str)
                 else None,
             )
         )
-    return _source(path, "pymatgen json", entries)
+    problems = _key_problems(rows, _targets(entries), "entry")
+    return _source(path, "pymatgen json", entries, None, problems)
 
 
 # -- shared -------------------------------------------------------------------------------
@@ -295,12 +299,64 @@ def _id(value: Any, path: Path, index: int) -> str:
     return str(value)
 
 
+def value_problem(label: str, values: Sequence[Any], row_word: str) -> str:
+    """Why the values of a column (or key) ``label`` cannot be a target, for the error a
+    user gets on asking for it: empty, or the first value that is not a number."""
+    missing = [v is None or (isinstance(v, str) and not v.strip()) or _is_nan(v) for v in values]
+    if all(missing):
+        return f"{label} is empty"
+    bad = [
+        (i, v)
+        for i, (v, m) in enumerate(zip(values, missing, strict=True))
+        if not m and not _numeric(v)
+    ]
+    if not bad:
+        return f"{label} is not a target: it holds the ids, the split or true/false values"
+    shown = repr(bad[0][1])
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    first = f"first bad value {shown} in {row_word} {bad[0][0]}"
+    if len(bad) == sum(not m for m in missing):
+        return f"{label} has no numeric values ({first})"
+    return f"{label} has non-numeric values ({first}; {len(bad)} of {len(values)} {row_word}s)"
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _key_problems(
+    rows: Sequence[dict[str, Any]], targets: Sequence[str], row_word: str
+) -> dict[str, str]:
+    """``value_problem`` for every key of ``rows`` that is not a target."""
+    keys = dict.fromkeys(str(k) for r in rows for k in r if str(k) not in targets)
+    return {k: value_problem(f"key {k!r}", [r.get(k) for r in rows], row_word) for k in keys}
+
+
+def _targets(entries: Sequence[Entry]) -> list[str]:
+    """The union of the entries' target keys, in first-seen order."""
+    return list(dict.fromkeys(k for e in entries for k in e.targets))
+
+
 def _source(
-    path: Path, fmt: str, entries: list[Entry], targets: Sequence[str] | None = None
+    path: Path,
+    fmt: str,
+    entries: list[Entry],
+    targets: Sequence[str] | None = None,
+    unusable: dict[str, str] | None = None,
 ) -> Source:
     """Wrap entries; targets default to the union of the entries' keys, in first-seen order."""
     if targets is None:
-        targets = list(dict.fromkeys(k for e in entries for k in e.targets))
+        targets = _targets(entries)
     ids = [e.id for e in entries]
     duplicates = len(ids) - len(set(ids))
     if duplicates:
@@ -317,4 +373,5 @@ def _source(
         units=units,
         native_split="labels" if labelled else None,
         provenance={"files": [str(path)], "format": fmt, "duplicate_ids": duplicates},
+        unusable=unusable or {},
     )

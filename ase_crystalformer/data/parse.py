@@ -36,10 +36,10 @@ def read_json(path: Path) -> Any:
                 return json.load(handle)
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, RecursionError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"{path}: cannot read JSON ({exc})") from exc
+        raise DataError(f"{path}: cannot read JSON ({type(exc).__name__}: {exc})") from exc
 
 
 def symbols_to_numbers(symbols: Any) -> np.ndarray:
@@ -104,8 +104,10 @@ def atoms_from_pmg_dict(data: dict[str, Any]) -> Atoms:
             if all("abc" in site for site in sites):
                 return atoms_from_arrays(numbers, cell, fractional=[s["abc"] for s in sites])
             return atoms_from_arrays(numbers, cell, cartesian=[s["xyz"] for s in sites])
-    except (KeyError, TypeError, IndexError) as exc:
-        raise StructureError(f"not a pymatgen Structure dict (missing {exc})") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise StructureError(
+            f"not a pymatgen Structure dict ({type(exc).__name__}: {exc})"
+        ) from None
     from pymatgen.core import Structure
 
     return atoms_from_structure(Structure.from_dict(data))
@@ -115,17 +117,53 @@ def looks_like_cif(text: str) -> bool:
     return "_cell_length_a" in text or text.lstrip().startswith("data_")
 
 
+#: Longest dict text read as JSON (linear time and memory: ~0.3 s for 20 MB).
+MAX_JSON_CHARS = 20_000_000
+#: Longest dict text read as a Python literal (matminer's ``str(dict)``): ``ast`` needs
+#: ~2 s and 0.5 GB per MB, so this allows ~7,000 sites in ~1 s. A 200-site dict is 27 kB.
+MAX_LITERAL_CHARS = 500_000
+
+
+def dict_from_text(text: str) -> Any:
+    """A dict cell parsed as JSON, else as a Python literal, with bounded time and memory.
+
+    Every failure, too long or too deeply nested text included, is a ``DataError`` that
+    says which limit or syntax stopped it, never a ``MemoryError`` or ``RecursionError``.
+    """
+    if len(text) > MAX_JSON_CHARS:
+        raise DataError(
+            f"structure text of {len(text):,} characters exceeds the limit of "
+            f"{MAX_JSON_CHARS:,} characters"
+        )
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError("structure dict nested too deeply to read as JSON") from None
+    except ValueError:
+        pass  # not JSON: matminer's CSVs store str(dict)
+    if len(text) > MAX_LITERAL_CHARS:
+        raise DataError(
+            f"structure text of {len(text):,} characters is not JSON and exceeds the limit of "
+            f"{MAX_LITERAL_CHARS:,} characters for a Python literal dict (store it as JSON)"
+        )
+    try:
+        return ast.literal_eval(text)
+    except (MemoryError, RecursionError):
+        raise DataError("structure dict nested too deeply to read as a Python literal") from None
+    except (SyntaxError, ValueError, TypeError) as exc:
+        raise DataError(
+            "structure text is neither JSON nor a Python literal dict "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def atoms_from_text(text: Any) -> Atoms:
     """CIF, POSCAR or a (JSON or Python-literal) pymatgen dict, told apart by content."""
     if not isinstance(text, str) or not text.strip():
         raise StructureError("no structure (empty cell in the structure column)")
     stripped = text.strip()
     if stripped.startswith("{"):
-        try:
-            data = json.loads(stripped)
-        except ValueError:
-            data = ast.literal_eval(stripped)  # matminer's CSVs store str(dict)
-        return atoms_from_pmg_dict(data)
+        return atoms_from_pmg_dict(dict_from_text(stripped))
     from pymatgen.core import Structure
 
     fmt = "cif" if looks_like_cif(stripped) else "poscar"
@@ -142,6 +180,22 @@ def atoms_from_text(text: Any) -> Atoms:
                 f"cannot parse {fmt.upper()} text ({type(exc).__name__}: {exc})"
             ) from None
     return atoms_from_structure(structure)
+
+
+def atoms_from_cell(value: Any, where: str = "") -> Atoms:
+    """A structure column's cell: a pymatgen dict or CIF/POSCAR/dict text.
+
+    ``where`` (e.g. "row 3, column 'cif'") prefixes every error, so a skipped row's
+    reason says which cell to fix.
+    """
+    try:
+        if isinstance(value, dict):
+            return atoms_from_pmg_dict(value)
+        return atoms_from_text(value)
+    except (StructureError, DataError) as exc:
+        if not where:
+            raise
+        raise type(exc)(f"{where}: {exc}") from None
 
 
 def clean_atoms(atoms: Atoms) -> Atoms:

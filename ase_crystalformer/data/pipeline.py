@@ -41,6 +41,9 @@ class Source:
     native_split: str | None = None
     fixed_counts: Callable[[int], tuple[int, int, int]] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Columns or keys that are not targets, with why (empty, not numeric), so that asking
+    #: for one says what is wrong with it instead of "unknown target".
+    unusable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,13 @@ def assemble(source: Source, options: Options) -> Dataset:
     """Filter, split, parse and check ``source`` into a ``Dataset``."""
     wanted = _select_targets(source, options.targets)
     entries, values, dropped = _filter_targets(source.entries, wanted, options.targets is not None)
+    if options.targets is not None and source.entries:
+        empty = [t for t in wanted if dropped[t] == len(source.entries)]
+        if empty:
+            raise DataError(
+                f"{source.name}: target(s) {empty} have no finite value in any of the "
+                f"{len(source.entries)} entries"
+            )
     provenance: dict[str, Any] = {
         "source": source.name,
         **source.provenance,
@@ -128,11 +138,12 @@ def _select_targets(source: Source, targets: Sequence[str] | None) -> list[str]:
     available = list(source.units)
     if targets is None:
         return available
-    unknown = [t for t in targets if t not in source.units]
+    problems = [source.unusable[t] for t in targets if t in source.unusable]
+    unknown = [t for t in targets if t not in source.units and t not in source.unusable]
     if unknown:
-        raise DataError(
-            f"{source.name}: unknown target(s) {unknown}; available: {available or 'none'}"
-        )
+        problems.append(f"unknown target(s) {unknown}")
+    if problems:
+        raise DataError(f"{source.name}: {'; '.join(problems)}; available: {available or 'none'}")
     return list(dict.fromkeys(targets))
 
 
