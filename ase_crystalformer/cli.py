@@ -587,11 +587,12 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
 @click.option("--seed", default=123, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@click.option("--overwrite", is_flag=True, help="Remove the files of a previous run in --out and start afresh.")
 @device_option
 def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
                     lr_decay_steps: int, swa_epochs: int, force_weight: float, stress_weight: float,
                     relaxed_share: float, max_val_relaxed: int, blocks: int, d_model: int, heads: int, seed: int,
-                    threads: int | None, resume: bool, device: str) -> None:
+                    threads: int | None, resume: bool, overwrite: bool, device: str) -> None:
     """Train a Crystalformer potential on DFT energies, forces and stresses.
 
     Data: every frame of DATA_DIR/forces/*.xyz and the DFT-relaxed mp-megnet structures of the
@@ -621,7 +622,7 @@ def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, 
         model_config = default_model_config(n_blocks=blocks, d_model=d_model, n_heads=heads,
                                             d_ff=4 * d_model, d_head_mlp=d_model)
         report = run(data_dir, out, config=config, model_config=model_config, steps_per_epoch=steps_per_epoch,
-                     relaxed_share=relaxed_share, max_val_relaxed=max_val_relaxed, resume=resume, device=device,
+                     relaxed_share=relaxed_share, max_val_relaxed=max_val_relaxed, resume=resume, overwrite=overwrite, device=device,
                      command=" ".join(["crystalformer", *sys.argv[1:]]), on_epoch=echo)
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err

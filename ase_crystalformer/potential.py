@@ -45,7 +45,8 @@ from .forces import energy_forces_stress
 from .geometry import build_window
 from .inference import resolve_device
 from .model import Crystalformer
-from .training import Example, Trainer, _to_batch, _write_json, ids_digest
+from .rundir import run_directory
+from .training import Example, Trainer, _to_batch, ids_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,7 @@ def train_potential(
     relaxed_share: float = 0.5,
     max_val_relaxed: int = 200,
     resume: bool = False,
+    overwrite: bool = False,
     device: str = "cpu",
     command: str = "",
     progress: bool = False,
@@ -355,70 +357,71 @@ def train_potential(
 ) -> dict[str, Any]:
     """Train a potential on ``read_all(data_dir)`` (or ``frames``: frames and fixed splits).
 
-    Writes the run directory of ``training.Trainer`` plus ``splits.json`` (frame ids per
-    split) and ``references.json``. Validation holds the val frames and up to
-    ``max_val_relaxed`` relaxed structures of the fixed val split (chosen by hash).
+    Writes the run directory of ``training.Trainer`` (locked; a used one needs ``resume`` or
+    ``overwrite``) plus ``splits.json`` (frame ids per split) and ``references.json``.
+    Validation holds the val frames and up to ``max_val_relaxed`` relaxed structures of the
+    fixed val split (chosen by hash).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    start = time.perf_counter()
-    all_frames, fixed = frames if frames is not None else read_all(data_dir)
-    splits = split_frames(all_frames, fixed)
-    relaxed_val = sorted((i for i in splits["val"] if all_frames[i].file == "mp-megnet"),
-                         key=lambda i: _unit_interval(all_frames[i].id))
-    keep = set(relaxed_val[:max_val_relaxed])
-    splits["val"] = [i for i in splits["val"] if all_frames[i].file != "mp-megnet" or i in keep]
-    train_frames = [all_frames[i] for i in splits["train"]]
-    val_frames = [all_frames[i] for i in splits["val"]]
-    refs = fit_references(train_frames)
-    model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
-    model = Crystalformer(model_config)
-    train_ex, train_src = make_examples(train_frames, refs, model_config.cutoff)
-    val_ex, val_src = make_examples(val_frames, refs, model_config.cutoff)
-    if not train_ex:
-        raise DataError("no usable training frame")
-    y = np.array([e.y[0] for e in train_ex])
-    model.target_mean.fill_(float(y.mean()))
-    model.target_std.fill_(float(y.std()) or 1.0)
-    split_ids = {k: [all_frames[i].id for i in v] for k, v in splits.items()}
-    _write_json(split_ids, out / "splits.json")
-    _write_json(refs.to_dict(), out / "references.json")
-    files: dict[str, dict[str, int]] = {}
-    for name, rows in splits.items():
-        for i in rows:
-            files.setdefault(all_frames[i].file, {}).setdefault(name, 0)
-            files[all_frames[i].file][name] += 1
-    metadata = {
-        "kind": "potential",
-        "data": {"dir": str(data_dir), "frames_per_file_and_split": files,
-                 "split": "by material/trajectory id: MEGNet leaderboard split where it lists the id, "
-                          "else sha256(id) into 80/10/10; relaxed MP structures: MEGNet train only"},
-        "reference_energies": refs.to_dict(),
-        "split_sizes": {k: len(v) for k, v in splits.items()},
-        "train_ids_sha256": ids_digest(split_ids["train"]),
-        "val_ids_sha256": ids_digest(split_ids["val"]),
-        "test_ids_sha256": ids_digest(split_ids["test"]),
-        "n_train": len(train_ex),
-        "domain": training_domain(e.window.numbers for e in train_ex),
-        "train_config": config.to_dict(),
-        "sampling": {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share},
-        "command": command,
-        "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
-    }
-    log.info("potential data: %d train, %d val examples (%.0f s)", len(train_ex), len(val_ex),
-             time.perf_counter() - start)
-    trainer = PotentialTrainer(
-        model, train_ex, val_ex, config, out, device=resolve_device(device), metadata=metadata,
-        progress=progress, on_epoch=on_epoch, val_sources=val_src, train_sources=train_src,
-        steps_per_epoch=steps_per_epoch, relaxed_share=relaxed_share,
-    )
-    if resume:
-        trainer.resume()
-    trainer.fit()
-    report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1), "n_train": len(train_ex)}
-    _write_json(report, out / "report.json")
-    return report
+    with run_directory(out_dir, resume=resume, overwrite=overwrite) as run:
+        out = run.path
+        torch.manual_seed(config.seed)
+        start = time.perf_counter()
+        all_frames, fixed = frames if frames is not None else read_all(data_dir)
+        splits = split_frames(all_frames, fixed)
+        relaxed_val = sorted((i for i in splits["val"] if all_frames[i].file == "mp-megnet"),
+                             key=lambda i: _unit_interval(all_frames[i].id))
+        keep = set(relaxed_val[:max_val_relaxed])
+        splits["val"] = [i for i in splits["val"] if all_frames[i].file != "mp-megnet" or i in keep]
+        train_frames = [all_frames[i] for i in splits["train"]]
+        val_frames = [all_frames[i] for i in splits["val"]]
+        refs = fit_references(train_frames)
+        model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
+        model = Crystalformer(model_config)
+        train_ex, train_src = make_examples(train_frames, refs, model_config.cutoff)
+        val_ex, val_src = make_examples(val_frames, refs, model_config.cutoff)
+        if not train_ex:
+            raise DataError("no usable training frame")
+        y = np.array([e.y[0] for e in train_ex])
+        model.target_mean.fill_(float(y.mean()))
+        model.target_std.fill_(float(y.std()) or 1.0)
+        split_ids = {k: [all_frames[i].id for i in v] for k, v in splits.items()}
+        write_json(split_ids, out / "splits.json")
+        write_json(refs.to_dict(), out / "references.json")
+        files: dict[str, dict[str, int]] = {}
+        for name, rows in splits.items():
+            for i in rows:
+                files.setdefault(all_frames[i].file, {}).setdefault(name, 0)
+                files[all_frames[i].file][name] += 1
+        metadata = {
+            "kind": "potential",
+            "data": {"dir": str(data_dir), "frames_per_file_and_split": files,
+                     "split": "by material/trajectory id: MEGNet leaderboard split where it lists the id, "
+                              "else sha256(id) into 80/10/10; relaxed MP structures: MEGNet train only"},
+            "reference_energies": refs.to_dict(),
+            "split_sizes": {k: len(v) for k, v in splits.items()},
+            "train_ids_sha256": ids_digest(split_ids["train"]),
+            "val_ids_sha256": ids_digest(split_ids["val"]),
+            "test_ids_sha256": ids_digest(split_ids["test"]),
+            "n_train": len(train_ex),
+            "domain": training_domain(e.window.numbers for e in train_ex),
+            "train_config": config.to_dict(),
+            "sampling": {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share},
+            "command": command,
+            "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
+        }
+        log.info("potential data: %d train, %d val examples (%.0f s)", len(train_ex), len(val_ex),
+                 time.perf_counter() - start)
+        trainer = PotentialTrainer(
+            model, train_ex, val_ex, config, out, device=resolve_device(device), metadata=metadata,
+            progress=progress, on_epoch=on_epoch, val_sources=val_src, train_sources=train_src,
+            steps_per_epoch=steps_per_epoch, relaxed_share=relaxed_share,
+        )
+        if run.state is not None:
+            trainer.resume(run.state)
+        trainer.fit()
+        report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1), "n_train": len(train_ex)}
+        write_json(report, out / "report.json")
+        return report
 
 
 def test_frames(data_dir: str | Path, run_or_model: Any) -> list[Frame]:

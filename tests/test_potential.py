@@ -135,3 +135,13 @@ def test_training_run_records_split_and_references_and_resumes(tmp_path):
                     resume=True)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [2, 4, 6]
+
+
+def test_cli_refuses_a_data_dir_without_frames(tmp_path):
+    from click.testing import CliRunner
+
+    from ase_crystalformer.cli import main
+
+    result = CliRunner().invoke(main, ["train-potential", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert f"{tmp_path}: no forces/*.xyz files" in result.output
