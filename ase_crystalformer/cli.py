@@ -526,7 +526,7 @@ def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, 
 
 @main.command()
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); needs an energy-type target. Default: the shipped energy-type models.")
+@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); needs an energy-type target. Default: the shipped potential.")
 @click.option("--supercell", nargs=3, type=click.IntRange(min=1), default=(2, 2, 2), show_default=True)
 @click.option("--displacement", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Atomic displacement in Å.")
 @click.option("--mesh", nargs=3, type=click.IntRange(min=1), default=(20, 20, 20), show_default=True, help="q-point mesh for DOS and thermal properties.")
@@ -538,8 +538,8 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
     from ase.calculators.calculator import PropertyNotImplementedError
     from ase.io import read
 
-    from .checkpoint import energy_models
     from .errors import CrystalformerError
+    from .potential import DEFAULT_POTENTIAL
 
     try:
         from .calculator import CrystalformerCalculator
@@ -551,10 +551,7 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
     except Exception as err:  # ase raises many types for unreadable files
         raise click.ClickException(f"{structure}: cannot read a structure ({err})") from err
     try:
-        names = list(model_names) or energy_models()
-        if not names:
-            raise click.ClickException("no shipped model has an energy-type target; pass --model")
-        calc = CrystalformerCalculator(names, device=device, dtype="float64")
+        calc = CrystalformerCalculator(list(model_names) or DEFAULT_POTENTIAL, device=device, dtype="float64")
         result = run_phonons(atoms, calc, supercell=supercell, displacement=displacement, mesh=mesh, out_dir=out_dir)
     except (CrystalformerError, PropertyNotImplementedError, ValueError) as err:
         raise click.ClickException(str(err)) from err
@@ -627,3 +624,56 @@ def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, 
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(report))
+
+
+@main.command("relax")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for relaxed.extxyz and summary.csv (and traj/ with --trajectory).")
+@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); default: the shipped potential.")
+@click.option("--fmax", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Force criterion in eV/Å (with the cell: also stress × volume).")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(min=0), help="Most optimizer steps per structure.")
+@click.option("--fixed-cell", is_flag=True, help="Relax positions only (default: positions and cell, FrechetCellFilter).")
+@click.option("--optimizer", type=click.Choice(["FIRE", "BFGS", "LBFGS"]), default="FIRE", show_default=True)
+@click.option("--trajectory", is_flag=True, help="Write OUT/traj/<k>.traj for the k-th structure.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Structures per model call.")
+@device_option
+def relax_command(files: tuple[str, ...], out_dir: str, model_names: tuple[str, ...], fmax: float, steps: int,
+                  fixed_cell: bool, optimizer: str, trajectory: bool, batch_size: int, device: str) -> None:
+    """Relax every structure in FILES (CIF, POSCAR, extxyz, ...), all together in batches.
+
+    Writes OUT/relaxed.extxyz (the relaxed structures with energy, forces, stress and their
+    converged flag) and OUT/summary.csv (steps, final energy and fmax, volume change).
+    """
+    import pandas as pd
+    from ase.io import write
+
+    from .errors import CrystalformerError
+    from .potential import DEFAULT_POTENTIAL
+    from .relax import relax
+
+    entries = _read_structures(files, "structure", False)
+    labels, frames = [e.label for e in entries], [e.atoms for e in entries]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if trajectory:
+        (out / "traj").mkdir(exist_ok=True)
+    try:
+        from .calculator import CrystalformerCalculator
+
+        calc = CrystalformerCalculator(list(model_names) or DEFAULT_POTENTIAL, device=device, batch_size=batch_size)
+        results = relax(frames, calc, fmax=fmax, steps=steps, cell=not fixed_cell, optimizer=optimizer,
+                        trajectory=str(out / "traj" / "{index}.traj") if trajectory else None)
+    except (CrystalformerError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    rows = []
+    for label, start, r in zip(labels, frames, results, strict=True):
+        r.atoms.info.update(structure=label, converged=r.converged, relax_steps=r.steps)
+        v0, v1 = start.get_volume(), r.atoms.get_volume()
+        rows.append({"structure": label, "formula": r.atoms.get_chemical_formula(), "converged": r.converged,
+                     "steps": r.steps, "energy_eV": r.energy, "fmax_eV_A": r.fmax,
+                     "volume_A3": v1, "volume_change": v1 / v0 - 1})
+    write(out / "relaxed.extxyz", [r.atoms for r in results], format="extxyz")
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "summary.csv", index=False)
+    click.echo(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    click.echo(f"{sum(r.converged for r in results)} of {len(results)} converged (fmax {fmax} eV/Å); wrote {out / 'relaxed.extxyz'}, {out / 'summary.csv'}")

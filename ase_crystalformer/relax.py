@@ -79,8 +79,9 @@ def relax(
         )
     if calculator is None:
         from .calculator import CrystalformerCalculator
+        from .potential import DEFAULT_POTENTIAL
 
-        calculator = CrystalformerCalculator()
+        calculator = CrystalformerCalculator(DEFAULT_POTENTIAL)
     properties = ["energy", "forces"] + (["stress"] if cell else [])
     for atoms in atoms_list:
         atoms.calc = None

@@ -113,3 +113,30 @@ def test_relax_is_exported_by_the_package():
     import ase_crystalformer
 
     assert ase_crystalformer.relax is relax
+
+
+def test_cli_relax_writes_structures_and_summary(energy_model, tmp_path):
+    import pandas as pd
+    from click.testing import CliRunner
+    from ase.io import write
+
+    from ase_crystalformer.checkpoint import save_checkpoint
+    from ase_crystalformer.cli import main
+
+    save_checkpoint(energy_model.float(), tmp_path / "pes" / "model.safetensors", {"kind": "potential"})
+    energy_model.double()
+    structures = _structures()
+    write(tmp_path / "in.extxyz", structures[:2], format="extxyz")
+    write(tmp_path / "al.cif", structures[2])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["relax", str(tmp_path / "in.extxyz"), str(tmp_path / "al.cif"), "--out", str(out),
+                                       "--model", str(tmp_path / "pes"), "--steps", "3", "--fmax", "1e-4", "--trajectory", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "summary.csv")
+    assert list(table["structure"]) == [f"{tmp_path / 'in.extxyz'}@0", f"{tmp_path / 'in.extxyz'}@1", str(tmp_path / "al.cif")]
+    assert list(table["steps"]) == [3, 3, 3] and not table["converged"].any()
+    relaxed = read(out / "relaxed.extxyz", ":")
+    assert len(relaxed) == 3 and relaxed[0].info["relax_steps"] == 3
+    assert table["energy_eV"][1] == pytest.approx(relaxed[1].get_potential_energy(), rel=1e-6)
+    assert len(read(out / "traj" / "2.traj", ":")) == 4
+    assert "0 of 3 converged (fmax 0.0001 eV/Å)" in result.output
