@@ -22,9 +22,11 @@ from pymatgen.io.ase import AseAtomsAdaptor
 def main(path: str, out: str, batch_size: int = 16) -> None:
     frames = read(path, ":")
     model = CHGNet.load(model_name="0.3.0", verbose=False)  # the weights chgnet 0.4.2 ships as default
-    structures = [AseAtomsAdaptor.get_structure(a) for a in frames]
-    preds = model.predict_structure(structures, task="efs", batch_size=batch_size)
-    preds = preds if isinstance(preds, list) else [preds]
+    preds = []
+    for start in range(0, len(frames), 64):  # chunks: all graphs at once need many GB
+        structures = [AseAtomsAdaptor.get_structure(a) for a in frames[start : start + 64]]
+        out = model.predict_structure(structures, task="efs", batch_size=batch_size)
+        preds += out if isinstance(out, list) else [out]
     energy = np.array([p["e"] * len(a) for p, a in zip(preds, frames)])  # e is eV/atom
     forces = np.concatenate([p["f"] for p in preds])
     stress = np.array([np.asarray(p["s"]) * units.GPa for p in preds])
