@@ -73,7 +73,7 @@ def chgnet_predictions(python: str, frames: list[Frame], cache: Path) -> list[di
 def offsets(frames: list[Frame], preds: list[dict]) -> dict[int, float]:
     """Per-element offsets μ with label ≈ prediction + Σ n μ (least squares, per atom)."""
     shifted = [Frame(f.id, f.group, f.source, f.file, f.atoms, f.energy - p["energy"], f.forces, f.stress)
-               for f, p in zip(frames, preds, strict=True)]
+               for f, p in zip(frames, preds, strict=True) if np.isfinite(p["energy"])]
     return _fit(shifted, None)
 
 
@@ -81,6 +81,8 @@ def errors(frames: list[Frame], preds: list[dict], shift) -> dict[str, float]:
     """MAE per file and over all: energy meV/atom, forces eV/Å, stress GPa."""
     rows: dict[str, list] = {}
     for f, p in zip(frames, preds, strict=True):
+        if not np.isfinite(p["energy"]):  # a frame the model could not evaluate
+            continue
         e = (p["energy"] + shift(f) - f.energy) / len(f.atoms)
         rows.setdefault(f.file, []).append(
             (abs(e), np.abs(p["forces"] - f.forces).sum(), f.forces.size,
@@ -159,7 +161,8 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, m in result["potential"].items():
         c = result.get("chgnet", {}).get(name)
-        theirs = (f"{c['energy_mev_atom']:.0f} | {c['forces_ev_a']:.3f} | {c['stress_gpa']:.2f}" if c else "- | - | -")
+        left_out = f" (n={c['n']})" if c and c["n"] != m["n"] else ""
+        theirs = (f"{c['energy_mev_atom']:.0f}{left_out} | {c['forces_ev_a']:.3f} | {c['stress_gpa']:.2f}" if c else "- | - | -")
         lines.append(f"| {name} | {m['n']} | {m['energy_mev_atom']:.0f} | {m['forces_ev_a']:.3f} | "
                      f"{m['stress_gpa']:.2f} | {theirs} |")
     return "\n".join(lines)
