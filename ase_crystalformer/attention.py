@@ -21,12 +21,14 @@ pair, the spec's intermediate quantities, for tests and inspection.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
@@ -36,8 +38,11 @@ from .config import ModelConfig
 class WindowGeometry:
     """What every layer needs from the window; computed once per batch by the model.
 
-    The (N, M, K) radial bases are either precomputed (``basis``, shared by all layers) or,
-    for windows too large to hold them, made from ``d2`` per row chunk by ``rbf``.
+    The padded (N, M) tensors describe the window. ``layout`` (made by ``row_layout``)
+    regroups the query atoms by window size for the torch path and, in the model, carries
+    the per-group distances and radial bases; without one the torch path makes it. The
+    (N, M, K) ``basis`` is only formed for the Triton kernels (and tests); otherwise bases
+    come from the layout or from ``rbf``.
     """
 
     d2: torch.Tensor  # (N, M) squared image distances, Å²
@@ -45,9 +50,10 @@ class WindowGeometry:
     mask: torch.Tensor  # (N, M) bool, real image slots
     neighbor: torch.Tensor  # (N, M) long, atom j of each slot
     pair: torch.Tensor  # (N, M) long, pair of each slot
-    pair_i: torch.Tensor  # (P,) long
+    pair_i: torch.Tensor  # (P,) long, sorted
     pair_j: torch.Tensor  # (P,) long
     rbf: GaussianBasis | None = None  # makes the bases on demand when ``basis`` is None
+    layout: RowLayout | None = None
 
     def basis_rows(self, a: int, b: int) -> torch.Tensor | None:
         """RBFs of query atoms a..b-1, (b-a, M, K); None when the model has K = 0."""
@@ -56,8 +62,142 @@ class WindowGeometry:
         return self.rbf(self.d2[a:b]) if self.rbf is not None else None
 
 
+@dataclass
+class RowGroup:
+    """Query atoms of similar window size, padded only to the longest of them.
+
+    ``pair`` indexes the chunk's pairs; padded slots point at an extra pair (index Pc)
+    whose logit is −inf, so no mask is applied per layer.
+    """
+
+    start: int  # rows start..stop-1 of the chunk
+    stop: int
+    d2: torch.Tensor  # (n, m)
+    pair: torch.Tensor  # (n, m) long
+    basis: torch.Tensor | None = None  # (n, m, K), when precomputed
+    _flat: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def flat_index(self, heads: int) -> torch.Tensor:
+        """(n, H, m) index into a flattened (Pc + 1, H) pair tensor (made once per H)."""
+        if heads not in self._flat:
+            h = torch.arange(heads, device=self.pair.device)
+            self._flat[heads] = self.pair[:, None, :] * heads + h[None, :, None]
+        return self._flat[heads]
+
+
+@dataclass
+class RowChunk:
+    """Query atoms handled at once (one checkpointed unit under autograd) and their pairs."""
+
+    rows: torch.Tensor  # (n_c,) long, the atoms, longest windows first
+    pair_i: torch.Tensor  # (Pc,) long, atom i of each pair of these rows
+    pair_j: torch.Tensor  # (Pc,) long
+    pair_row: torch.Tensor  # (Pc,) long, position of pair_i in ``rows``
+    groups: list[RowGroup]
+
+
+@dataclass
+class RowLayout:
+    """The window's query atoms sorted by window size, in chunks and groups.
+
+    Padding every atom to the longest window of the batch wastes more than half of the
+    slots of a typical batch; each group is padded only to its own longest window.
+    """
+
+    chunks: list[RowChunk]
+    inverse: torch.Tensor | None  # (N,) long: row of atom i in the chunks; None if in order
+
+
+#: Rows are grouped while their windows are at least this fraction of the group's first,
+#: and a group has at least GROUP_ROWS rows (fewer, larger operations for small inputs).
+GROUP_FILL = 0.85
+GROUP_ROWS = 32
+
+
+def row_layout(
+    d2: torch.Tensor,
+    mask: torch.Tensor,
+    pair: torch.Tensor,
+    pair_i: torch.Tensor,
+    pair_j: torch.Tensor,
+    max_slots: int | None = None,
+    rbf: GaussianBasis | None = None,
+) -> RowLayout:
+    """Sort query atoms by window size; chunks of at most ``max_slots`` padded slots.
+
+    With ``rbf`` the groups' bases are made here, once for all layers.
+    """
+    n, m = mask.shape
+    device = mask.device
+    budget = max(max_slots or MAX_SLOTS, 1)
+    slots = torch.arange(1, m + 1, device=device)
+    width = (mask * slots).amax(1) if m else mask.new_zeros(n, dtype=torch.long)  # (N,)
+    widths = width.tolist()
+    in_order = n <= GROUP_ROWS or min(widths) >= GROUP_FILL * max(widths)  # one group: no sorting
+    if in_order:
+        order = torch.arange(n, device=device)
+    else:
+        order = torch.argsort(width, descending=True, stable=True)
+        widths = width[order].tolist()
+    counts = torch.bincount(pair_i, minlength=n)  # pairs of each atom (sorted by i)
+    starts = torch.cumsum(counts, 0) - counts
+    chunks, a = [], 0
+    while a < n:
+        b = a + max(1, budget // max(max(widths) if in_order else widths[a], 1))
+        chunks.append(_row_chunk(d2, mask, pair, pair_i, pair_j, order[a:b], widths[a:b], counts, starts, rbf))
+        a = b
+    if in_order:
+        inverse = None
+    else:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=device)
+    return RowLayout(chunks, inverse)
+
+
+def _row_chunk(
+    d2: torch.Tensor,
+    mask: torch.Tensor,
+    pair: torch.Tensor,
+    pair_i: torch.Tensor,
+    pair_j: torch.Tensor,
+    rows: torch.Tensor,
+    widths: list[int],
+    counts: torch.Tensor,
+    starts: torch.Tensor,
+    rbf: GaussianBasis | None,
+) -> RowChunk:
+    """The chunk of ``rows`` (sorted by window size, ``widths``): its pairs and groups."""
+    device = rows.device
+    count = counts[rows]  # (n_c,) pairs per row
+    local = torch.cumsum(count, 0) - count  # first chunk pair of each row
+    n_pairs = int(count.sum())
+    ids = torch.repeat_interleave(starts[rows] - local, count) + torch.arange(n_pairs, device=device)
+    pair_row = torch.repeat_interleave(torch.arange(len(rows), device=device), count)
+    groups, s = [], 0
+    while s < len(rows):
+        e = s + 1
+        while e < len(rows) and (e - s < GROUP_ROWS or widths[e] >= GROUP_FILL * widths[s]):
+            e += 1
+        r, w = rows[s:e], max(max(widths[s:e]), 1)
+        local_pair = pair[r, :w] - (starts[r] - local[s:e])[:, None]
+        local_pair = torch.where(mask[r, :w], local_pair, n_pairs)
+        g2 = d2[r, :w]
+        groups.append(RowGroup(s, e, g2, local_pair, rbf(g2) if rbf is not None else None))
+        s = e
+    return RowChunk(rows, pair_i[ids], pair_j[ids], pair_row, groups)
+
+
 class GaussianBasis(nn.Module):
-    """K Gaussians of the distance, centred at k·r_max/K (k = 1..K) with width r_max/K."""
+    """K Gaussians of the distance, centred at k·r_max/K (k = 1..K) with width r_max/K.
+
+    Entries below e^-30 (float32; e^-80 in float64) are set to exactly 0: they are below
+    the precision of every sum they enter (each row also holds an entry ≥ e^-1/2), and
+    tiny but nonzero values made the products of backward denormal, which x86 CPUs compute
+    many times slower. The bases are formed in place in one buffer, and their first and
+    second derivatives in d are written out (``_Gaussians``) instead of recorded op by op:
+    forces and force training need both, and autograd's chain over seven (…, K) operations
+    cost several times more.
+    """
 
     def __init__(self, n_rbf: int, r_max: float) -> None:
         super().__init__()
@@ -70,10 +210,71 @@ class GaussianBasis(nn.Module):
         # sqrt'(0) is infinite: the self image has d² ≡ 0 with a zero gradient, so clamping
         # keeps its value (b(1e-15) = b(0) in any precision) and gives a zero, not NaN, gradient.
         d = d2.clamp_min(1e-30).sqrt()
-        z = (d[..., None] - self.centers.to(d.dtype)) / self.width
-        # Clamping at e^-80 changes nothing that matters and avoids underflowing exp(),
-        # which runs several times slower on x86 CPUs (half the entries underflow here).
-        return torch.exp(-0.5 * (z * z).clamp_max(160.0))  # (..., K)
+        centers = self.centers.to(d.dtype)
+        if torch.is_grad_enabled() and d.requires_grad:
+            return _Gaussians.apply(d, centers, self.width)
+        return _gaussians(d, centers, self.width)
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """Below this, basis entries and attention weights are set to 0 (denormal-free products)."""
+    return 2.0 * math.exp(-(80.0 if dtype == torch.float64 else 30.0))
+
+
+def _gaussians(d: torch.Tensor, centers: torch.Tensor, width: float) -> torch.Tensor:
+    """exp(−z²/2), z = (d − c)/w, (…, K), without autograd; tiny entries exactly 0."""
+    tiny = _tiny(d.dtype)
+    with torch.no_grad():
+        z = d[..., None] - centers
+        # Clamping the exponent first keeps exp() off its slow underflow path; entries at
+        # the clamp are then zeroed.
+        z.div_(width)
+        z.mul_(z).mul_(-0.5).clamp_min_(math.log(tiny / 2)).exp_()
+        return F.threshold(z, tiny, 0.0, inplace=True)
+
+
+class _Gaussians(torch.autograd.Function):
+    """b(d) = exp(−(d − c)²/2w²) with b' = −(d − c)/w² · b (``_GaussiansGrad``)."""
+
+    @staticmethod
+    def forward(ctx: Any, d: torch.Tensor, centers: torch.Tensor, width: float) -> torch.Tensor:  # type: ignore[override]
+        b = _gaussians(d, centers, width)
+        ctx.save_for_backward(d, b)
+        ctx.centers, ctx.width = centers, width
+        return b
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        d, b = ctx.saved_tensors
+        # b enters as a constant: _GaussiansGrad's d-derivative already includes b's.
+        return _GaussiansGrad.apply(d, b.detach(), grad, ctx.centers, ctx.width), None, None
+
+
+class _GaussiansGrad(torch.autograd.Function):
+    """Σ_k g_k b_k'(d), differentiable once more (forces → force-training gradients)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, d: torch.Tensor, b: torch.Tensor, g: torch.Tensor, centers: torch.Tensor, width: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(d, b, g)
+        ctx.centers, ctx.width = centers, width
+        t = d[..., None] - centers  # (…, K)
+        return t.mul_(b).mul_(g).sum(-1).mul_(-1.0 / width**2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gg: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        d, b, g = ctx.saved_tensors
+        w2 = ctx.width**2
+        t = d[..., None] - ctx.centers  # (…, K)
+        grad_d = grad_g = None
+        if ctx.needs_input_grad[2]:  # ∂/∂g = b'(d)
+            grad_g = (t * b).mul_(gg[..., None] * (-1.0 / w2))
+        if ctx.needs_input_grad[0]:  # ∂/∂d = Σ_k g_k b_k''(d), b'' = ((d − c)²/w² − 1)·b/w²
+            t.mul_(t).div_(w2).sub_(1.0).mul_(b).mul_(g)
+            grad_d = t.sum(-1).mul_(gg / w2)
+        return grad_d, None, grad_g, None, None
 
 
 class PeriodicAttention(nn.Module):
@@ -122,7 +323,9 @@ class PeriodicAttention(nn.Module):
         q, k, v = self._project(x)  # (N, H, dh) each
         values, mixed = window_attention(q, k, v, self.gamma(q), geom)
         if self.rbf_proj is not None:
-            values = values + torch.einsum("nhk,hdk->nhd", mixed, self.rbf_proj)  # Σ_j a_ij β_ij
+            # Σ_j a_ij β_ij = W_E Σ w b, per head: (H, N, K) @ (H, K, dh)
+            beta = torch.bmm(mixed.transpose(0, 1), self.rbf_proj.transpose(1, 2))
+            values = values + beta.transpose(0, 1)
         return self.out_proj(values.reshape(n, -1))
 
     def encodings(
@@ -174,14 +377,18 @@ def window_attention(
 
     q, k, v (N, H, dh), gamma (N, H). Returns Σ_(j,n) w·v_j (N, H, dh) and Σ_(j,n) w·b(d)
     (N, H, K) (None without bases), with w = softmax of q_i·k_j/√dh + γ_i d_ij(n)².
-    On CUDA with triton installed the fused kernels of ``triton_attention`` run; everywhere
-    else ``torch_window_attention``, their reference.
+    The one place that picks the path: on CUDA with triton installed the fused kernels of
+    ``triton_attention`` run; everywhere else, and if they fail to compile or launch
+    (one ``RuntimeWarning``, then the torch path for the rest of the process),
+    ``torch_window_attention``, their reference.
     """
-    if q.is_cuda:
-        from . import triton_attention  # lazy: triton is an optional dependency
+    from . import triton_attention  # lazy: cheap, and imports nothing of this package
 
-        if triton_attention.available(q, k, v, gamma, geom.d2):
-            return triton_attention.window_attention(q, k, v, gamma, geom)
+    if triton_attention.available(q, k, v, gamma, geom.d2):
+        try:
+            return triton_attention.window_attention(q, k, v, gamma, geom, reference=torch_window_attention)
+        except Exception as error:  # noqa: BLE001 - any compile or launch failure
+            triton_attention.give_up(error)
     return torch_window_attention(q, k, v, gamma, geom)
 
 
@@ -195,40 +402,70 @@ def torch_window_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``window_attention`` in plain torch (any device, twice differentiable).
 
-    Rows (query atoms) are independent, so they run in chunks of ``max_slots`` slots
-    (default ``MAX_SLOTS``). Under autograd each chunk is checkpointed: its gathers are
-    recomputed in backward rather than kept, so forces and force training on a large cell
-    hold one chunk's intermediates at a time instead of all of them.
+    Query atoms run sorted by window size, in chunks of at most ``max_slots`` padded slots
+    (default ``MAX_SLOTS``; a given ``max_slots`` makes a fresh layout). Under autograd
+    several chunks are checkpointed: their gathers are recomputed in backward rather than
+    kept, so forces and force training on a large cell hold one chunk's intermediates at a
+    time instead of all of them. Logits are laid out (rows, H, slots), so that the softmax
+    runs over contiguous memory and feeds the basis matmul without a transpose.
     """
-    n, m = geom.d2.shape
-    rows = max(1, (max_slots or MAX_SLOTS) // max(m, 1))
-    if n <= rows:
-        return _window_rows(q, k, v, gamma, geom, 0, n)
-    run = _window_rows
-    if torch.is_grad_enabled():
-        run = partial(checkpoint, _window_rows, use_reentrant=False)
-    parts = [run(q, k, v, gamma, geom, a, min(a + rows, n)) for a in range(0, n, rows)]
-    values = torch.cat([p[0] for p in parts])
-    mixed = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+    layout = geom.layout if max_slots is None else None
+    if layout is None:
+        layout = row_layout(geom.d2, geom.mask, geom.pair, geom.pair_i, geom.pair_j, max_slots)
+    basis = geom.basis
+    run = partial(_chunk_attention, q, k, v, gamma, basis=basis, rbf=geom.rbf)
+    if len(layout.chunks) > 1 and torch.is_grad_enabled():
+        run = partial(checkpoint, run, use_reentrant=False)
+    parts = [run(c) for c in layout.chunks]
+    values = _unsort([p[0] for p in parts], layout.inverse)
+    mixed = _unsort([p[1] for p in parts], layout.inverse) if parts[0][1] is not None else None
     return values, mixed
 
 
-def _window_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, geom: WindowGeometry, a: int, b: int
+def _unsort(parts: list[torch.Tensor], inverse: torch.Tensor | None) -> torch.Tensor:
+    """The chunks' rows, concatenated, back in the atoms' order."""
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return x if inverse is None else x.index_select(0, inverse)
+
+
+def _chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    chunk: RowChunk,
+    basis: torch.Tensor | None,
+    rbf: GaussianBasis | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``window_attention`` for query atoms a..b-1; their pairs are contiguous (sorted by i)."""
+    """``window_attention`` for the rows of one chunk, in chunk order."""
     h, dh = q.shape[1], q.shape[2]
-    p0, p1 = torch.searchsorted(geom.pair_i, torch.tensor([a, b], device=q.device)).tolist()
-    pair_i, pair_j = geom.pair_i[p0:p1], geom.pair_j[p0:p1]
-    pair = geom.pair[a:b] - p0  # (n, M) into this chunk's pairs
-    qk = (q[pair_i] * k[pair_j]).sum(-1) / math.sqrt(dh)  # (Pc, H)
-    logits = qk[pair] + gamma[a:b, None, :] * geom.d2[a:b, :, None]  # (n, M, H)
-    logits = logits.masked_fill(~geom.mask[a:b, :, None], float("-inf"))
-    weights = logits.softmax(dim=1)  # (n, M, H): a_ij·π_ij(n)
-
-    pair_weight = weights.new_zeros(p1 - p0, h)  # (Pc, H) = a_ij
-    pair_weight.index_add_(0, pair.reshape(-1), weights.reshape(-1, h))
-    values = v.new_zeros(b - a, h, dh).index_add_(0, pair_i - a, pair_weight[..., None] * v[pair_j])
-    basis = geom.basis_rows(a, b)  # (n, M, K)
-    mixed = torch.bmm(weights.transpose(1, 2), basis) if basis is not None else None
-    return values, mixed
+    qk = (q.index_select(0, chunk.pair_i) * k.index_select(0, chunk.pair_j)).sum(-1) / math.sqrt(dh)  # (Pc, H)
+    qk = torch.cat([qk, qk.new_full((1, h), float("-inf"))]).view(-1)  # + the padding pair
+    pair_weight = torch.zeros_like(qk)  # ((Pc + 1)·H,) Σ_n weights = a_ij
+    gamma = gamma.index_select(0, chunk.rows)
+    mixed = []
+    for g in chunk.groups:
+        index = g.flat_index(h)  # (n, H, m)
+        logits = torch.addcmul(
+            qk.gather(0, index.view(-1)).view(index.shape), gamma[g.start : g.stop, :, None], g.d2[:, None, :]
+        )
+        # (n, H, m): a_ij·π_ij(n); weights below e^-30 (e^-80 in float64) are zeroed for the
+        # same reason as the bases' tiny entries (they sum to 1, so this is below round-off).
+        weights = F.threshold(
+            logits.softmax(dim=-1), _tiny(logits.dtype), 0.0, inplace=not torch.is_grad_enabled()
+        )
+        pair_weight = pair_weight.scatter_add(0, index.view(-1), weights.view(-1))
+        b = g.basis
+        if b is None and basis is not None:
+            rows = chunk.rows[g.start : g.stop]
+            b = basis[rows, : g.d2.shape[1]]
+        elif b is None and rbf is not None:
+            b = rbf(g.d2)
+        if b is not None:
+            mixed.append(torch.bmm(weights, b))  # (n, H, K)
+    pair_weight = pair_weight.view(-1, h)[:-1]
+    n = len(chunk.rows)
+    values = v.new_zeros(n, h, dh).index_add_(
+        0, chunk.pair_row, pair_weight[..., None] * v.index_select(0, chunk.pair_j)
+    )
+    return values, (mixed[0] if len(mixed) == 1 else torch.cat(mixed)) if mixed else None

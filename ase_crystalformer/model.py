@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import MAX_SLOTS, GaussianBasis, PeriodicAttention, WindowGeometry
+from .attention import MAX_SLOTS, GaussianBasis, PeriodicAttention, WindowGeometry, row_layout
 from .config import MAX_ATOMIC_NUMBER, ModelConfig
 from .domain import warn_outside
 from .geometry import Batch, collate, image_vectors, windows_for
@@ -98,13 +98,20 @@ class Crystalformer(nn.Module):
         """Distances and radial bases of the window, shared by all blocks and heads."""
         r = image_vectors(batch)  # (N, M, 3)
         d2 = (r * r).sum(-1)  # (N, M)
-        # Bases for the whole window once per batch, unless that would take more memory
-        # than the torch path's row chunks: then each chunk makes its own (on CPU; the
-        # Triton kernels read a whole (N, M, K) tensor, and GPU memory holds it).
-        whole = self.basis is not None and (d2.numel() <= MAX_SLOTS or d2.is_cuda)
+        if d2.is_cuda:  # the Triton kernels read one whole (N, M, K) basis tensor
+            basis = self.basis(d2) if self.basis is not None else None
+            return WindowGeometry(
+                d2, basis, batch.mask, batch.neighbor, batch.pair, batch.pair_i, batch.pair_j, rbf=self.basis
+            )
+        # Bases for the whole window once per batch (in the torch path's row groups), unless
+        # that would take more memory than its row chunks: then each chunk makes its own.
+        whole = self.basis is not None and d2.numel() <= MAX_SLOTS
+        layout = row_layout(
+            d2, batch.mask, batch.pair, batch.pair_i, batch.pair_j, rbf=self.basis if whole else None
+        )
         return WindowGeometry(
-            d2, self.basis(d2) if whole else None, batch.mask, batch.neighbor, batch.pair,
-            batch.pair_i, batch.pair_j, rbf=self.basis,
+            d2, None, batch.mask, batch.neighbor, batch.pair, batch.pair_i, batch.pair_j,
+            rbf=self.basis, layout=layout,
         )
 
     def atom_features(self, batch: Batch) -> torch.Tensor:

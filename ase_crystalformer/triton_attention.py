@@ -1,6 +1,6 @@
 """Triton implementation of ``attention.window_attention``: same signature, same numbers.
 
-The torch reference (``attention.window_attention``) materialises logits and weights of
+The torch reference (``attention.torch_window_attention``) materialises logits and weights of
 shape (N, M, H) several times over, plus per-pair copies of k and v. Here one program per
 (atom i, head h) streams over i's M window slots with an online, max-subtracted softmax
 (FlashAttention style), gathers k_j and v_j through ``geom.neighbor`` and accumulates the
@@ -22,10 +22,12 @@ Numerics: all arithmetic is in the inputs' dtype (float32 or float64; no TF32, s
 kernels use no ``tl.dot``). q is scaled by 1/√D in torch before the kernels, so the scale
 is exact in float64. A backward with ``create_graph=True`` (training on forces needs the
 gradient of a gradient) recomputes through the torch reference path instead, which is
-twice differentiable: correct, but with the memory of the torch path.
+twice differentiable: correct, but with the memory of the torch path. That reference is
+passed in (``reference``) rather than imported: this module imports nothing of the
+package, so the import graph is one-way (``attention`` imports this module, lazily).
 
 ``available`` says whether this path can run; ``attention.window_attention`` dispatches
-here on CUDA. With ``TRITON_INTERPRET=1`` set before the kernels module is first imported,
+here on CUDA and falls back to the torch path (with one warning) if the kernels fail. With ``TRITON_INTERPRET=1`` set before the kernels module is first imported,
 the Function also runs on CPU tensors (slowly): that is how the tests check it without a
 GPU.
 """
@@ -35,16 +37,19 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.autograd.function import FunctionCtx
 
-from . import attention
-
 if TYPE_CHECKING:
     from .attention import WindowGeometry
+
+#: The twice-differentiable reference, ``attention.torch_window_attention``'s signature.
+Reference = Callable[..., "tuple[torch.Tensor, torch.Tensor | None]"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -67,11 +72,28 @@ def available(*tensors: torch.Tensor) -> bool:
 
     Cheap (does not import triton), so the dispatcher asks on every call. CPU tensors are
     refused even under ``TRITON_INTERPRET=1``: the interpreter is for tests, not for use.
-    ``CRYSTALFORMER_ATTENTION=torch`` turns the Triton path off.
+    ``CRYSTALFORMER_ATTENTION=torch`` turns the Triton path off, and so does a failure
+    (``give_up``).
     """
-    if not tensors or requested_path() == "torch" or importlib.util.find_spec("triton") is None:
+    if _FAILURE or not tensors or not all(t.is_cuda and t.dtype in _DTYPES for t in tensors):
         return False
-    return all(t.is_cuda and t.dtype in _DTYPES for t in tensors)
+    return requested_path() != "torch" and importlib.util.find_spec("triton") is not None
+
+
+#: The error that switched the Triton path off in this process (empty while it works).
+_FAILURE: list[Exception] = []
+
+
+def give_up(error: Exception) -> None:
+    """Switch the Triton path off for this process after ``error``; warn the first time."""
+    if not _FAILURE:
+        warnings.warn(
+            f"the Triton window attention failed ({type(error).__name__}: {error}); "
+            "using the torch path from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _FAILURE.append(error)
 
 
 def _interpreting() -> bool:
@@ -128,10 +150,10 @@ def _check(
 class WindowAttentionFunction(torch.autograd.Function):
     """Fused window softmax; inputs and outputs as ``attention.window_attention``.
 
-    apply(q, k, v, gamma, d2, basis | None, geom, block_m) → (values, mixed) with
+    apply(q, k, v, gamma, d2, basis | None, geom, block_m, reference) → (values, mixed) with
     q, k, v (N, H, D), gamma (N, H), d2 (N, M), basis (N, M, K); values (N, H, D), mixed
     (N, H, K), an empty (N, H, 0) when basis is None. The kernels read geom.mask and
-    geom.neighbor; a create_graph backward also the pair lists (it runs the torch path).
+    geom.neighbor; a create_graph backward also the pair lists (it runs ``reference``).
     """
 
     @staticmethod
@@ -145,6 +167,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         basis: torch.Tensor | None,
         geom: WindowGeometry,
         block_m: int | None,
+        reference: Reference,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from .triton_attention_kernels import window_fwd_kernel
 
@@ -172,6 +195,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, gamma, d2, basis, mask_u8, neighbor, values, mixed, lse)
         ctx.geom = geom
         ctx.block_m = block_m
+        ctx.reference = reference
         ctx.scale = scale
         return values, mixed
 
@@ -179,12 +203,16 @@ class WindowAttentionFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, gvalues: torch.Tensor | None, gmixed: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        grads = None
+        if not torch.is_grad_enabled():  # else create_graph=True: differentiable gradients
+            try:
+                grads = _fused_backward(ctx, gvalues, gmixed)
+            except Exception as error:  # noqa: BLE001 - a kernel that fails to compile or launch
+                give_up(error)
+        if grads is None:
             grads = _differentiable_backward(ctx, gvalues, gmixed)
-        else:
-            grads = _fused_backward(ctx, gvalues, gmixed)
         need = ctx.needs_input_grad
-        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None)
+        return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
 
 def _fused_backward(
@@ -261,8 +289,8 @@ def _differentiable_backward(
         wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
         # The torch reference path is twice differentiable; rare (force training), so its
         # per-pair memory is acceptable here.
-        geom = replace(ctx.geom, d2=d2, basis=basis, rbf=None)
-        values, mixed = attention.torch_window_attention(q, k, v, gamma, geom)
+        geom = replace(ctx.geom, d2=d2, basis=basis, rbf=None, layout=None)
+        values, mixed = ctx.reference(q, k, v, gamma, geom)
         outputs, grads_out = [values], [gvalues if gvalues is not None else torch.zeros_like(values)]
         if mixed is not None and gmixed is not None:
             outputs.append(mixed)
@@ -283,17 +311,21 @@ def window_attention(
     gamma: torch.Tensor,
     geom: WindowGeometry,
     *,
+    reference: Reference,
     block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``attention.window_attention`` computed by the Triton kernels (CUDA, or interpreted).
 
     q, k, v (N, H, D), gamma (N, H) → values (N, H, D), mixed (N, H, K) or None. The
-    kernels read geom.d2, geom.basis, geom.mask and geom.neighbor. ``block_m``
-    overrides the slots per program step (tests use small blocks to exercise the online
-    softmax across steps).
+    kernels read geom.d2, geom.basis, geom.mask and geom.neighbor. ``reference`` is the
+    torch path (``attention.torch_window_attention``), which a create_graph backward runs.
+    ``block_m`` overrides the slots per program step (tests use small blocks to exercise
+    the online softmax across steps).
     """
     if geom.basis is None and geom.rbf is not None:  # the kernels read one whole basis tensor
         geom = replace(geom, basis=geom.rbf(geom.d2))
     _check(q, k, v, gamma, geom)
-    values, mixed = WindowAttentionFunction.apply(q, k, v, gamma, geom.d2, geom.basis, geom, block_m)
+    values, mixed = WindowAttentionFunction.apply(
+        q, k, v, gamma, geom.d2, geom.basis, geom, block_m, reference
+    )
     return values, (mixed if geom.basis is not None else None)

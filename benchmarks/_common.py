@@ -53,6 +53,23 @@ def load_structures(path: str, n: int, seed: int = 0) -> tuple[list[Atoms], np.n
     return atoms, frame["formation_energy_per_atom"].to_numpy(dtype=float)
 
 
+def load_first(path: str, n: int) -> tuple[list[Atoms], np.ndarray]:
+    """The first ``n`` structures of the CSV and their formation energies (eV/atom)."""
+    import pandas as pd
+    from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if not Path(path).is_file():
+        raise SystemExit(f"data file not found: {path} (pass --data or set CRYSTALFORMER_DATA_DIR)")
+    with open(path, encoding="utf-8") as f:
+        skip = 1 if f.readline().startswith("#") else 0
+    frame = pd.read_csv(path, skiprows=skip, nrows=n)
+    atoms = [
+        AseAtomsAdaptor.get_atoms(Structure.from_dict(ast.literal_eval(s))) for s in frame["structure"]
+    ]
+    return atoms, frame["formation_energy_per_atom"].to_numpy(dtype=float)
+
+
 def seconds(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
     """Wall time of one call (after ``sync``, for asynchronous devices)."""
     if sync:

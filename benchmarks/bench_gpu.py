@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import itertools
 from collections.abc import Callable, Iterator
@@ -46,7 +47,9 @@ def attention_path(path: str) -> Iterator[None]:
 
     dispatcher = attention.window_attention
     if path == "triton":
-        attention.window_attention = triton_attention.window_attention
+        attention.window_attention = functools.partial(
+            triton_attention.window_attention, reference=attention.torch_window_attention
+        )
     elif path == "torch":
         attention.window_attention = attention.torch_window_attention
     try:

@@ -30,6 +30,7 @@ def test_featurize_reports_a_deeply_nested_cell_and_writes_the_other_rows(tmp_pa
     written = pd.read_csv(out)
     assert written["crystalformer_error"].isna().tolist() == [True, False, True]
     assert written["crystalformer_error"][1] == (
-        "cannot read the structure: structure dict nested too deeply to read as a Python literal"
+        f"{table}@1: cannot read the structure "
+        "(structure dict nested too deeply to read as a Python literal)"
     )
     assert written.filter(like="crystalformer").drop(columns="crystalformer_error").iloc[[0, 2]].notna().all().all()

@@ -127,10 +127,10 @@ def test_row_chunks_give_the_same_layer(rng):
     gamma = attn.gamma(q)
     whole = torch_window_attention(q, k, v, gamma, geom)
     slots = geom.d2.shape[1]
-    lazy = replace(geom, basis=None)  # bases made per chunk from d2, as for large cells
-    assert geom.basis is not None and lazy.rbf is not None
+    full = replace(geom, basis=model.basis(geom.d2), layout=None)  # (N, M, K) bases given
+    assert geom.basis is None and geom.rbf is not None  # bases made per chunk from d2
     for rows in (1, 2, 5):
-        for g in (geom, lazy):
+        for g in (geom, full):
             chunked = torch_window_attention(q, k, v, gamma, g, max_slots=rows * slots)
             torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(chunked[1], whole[1], rtol=1e-12, atol=1e-14)
@@ -149,10 +149,13 @@ def test_large_windows_make_bases_per_chunk(rng, monkeypatch):
         out = model(replace(batch, positions=pos)).sum()
         return out, torch.autograd.grad(out, pos)[0]
 
+    def precomputed_bases(geom) -> bool:
+        return all(g.basis is not None for c in geom.layout.chunks for g in c.groups)
+
     whole = outputs_and_grad()
-    assert model.geometry(batch).basis is not None
+    assert precomputed_bases(model.geometry(batch))
     monkeypatch.setattr(model_module, "MAX_SLOTS", 8)
-    assert model.geometry(batch).basis is None
+    assert not any(g.basis is not None for c in model.geometry(batch).layout.chunks for g in c.groups)
     lazy = outputs_and_grad()
     torch.testing.assert_close(lazy[0], whole[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(lazy[1], whole[1], rtol=1e-12, atol=1e-14)

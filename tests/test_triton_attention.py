@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -35,6 +36,8 @@ if not CUDA and "ase_crystalformer.triton_attention_kernels" in sys.modules:
     importlib.reload(sys.modules["ase_crystalformer.triton_attention_kernels"])
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+#: The Triton path with its create_graph reference, as ``attention.window_attention`` calls it.
+fused = partial(triton_attention.window_attention, reference=attention.torch_window_attention)
 TOL = {
     torch.float32: {"atol": 2e-4, "rtol": 2e-4},
     torch.float64: {"atol": 1e-10, "rtol": 1e-9},
@@ -70,7 +73,10 @@ def geometry(atoms: Sequence[Atoms], dtype: torch.dtype, n_rbf: int = 64) -> Win
     model = Crystalformer(ModelConfig(n_blocks=1, d_model=16, n_heads=1, n_rbf=n_rbf))
     batch = collate(windows_for(atoms, model.config.cutoff), dtype)
     with torch.no_grad():
-        return model.to(dtype).geometry(batch)
+        geom = model.to(dtype).geometry(batch)
+        # The kernels read one whole (N, M, K) basis tensor (the model forms it on CUDA).
+        basis = model.basis(geom.d2) if model.basis is not None else None
+        return replace(geom, basis=basis, layout=None)
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -115,7 +121,7 @@ def run(fn, geom: WindowGeometry, x: dict[str, torch.Tensor], device: torch.devi
 def check(geom: WindowGeometry, heads: int, dim: int = 16, seed: int = 0, **kw) -> None:
     x = inputs(geom, heads, dim, seed)
     ref = run(attention.window_attention, geom, x, torch.device("cpu"))  # torch path on CPU
-    got = run(triton_attention.window_attention, geom, x, DEVICE, **kw)
+    got = run(fused, geom, x, DEVICE, **kw)
     assert set(ref) == set(got)
     for name in ref:
         if ref[name] is None:
@@ -161,8 +167,8 @@ def test_bases_made_from_d2() -> None:
     lazy = replace(geom, basis=None)
     x = inputs(geom, heads=2, dim=4, seed=2)
     args = [x[n].to(DEVICE) for n in ("q", "k", "v", "gamma")]
-    want = triton_attention.window_attention(*args, _on(geom))
-    got = triton_attention.window_attention(*args, _on(lazy))
+    want = fused(*args, _on(geom))
+    got = fused(*args, _on(lazy))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
@@ -199,7 +205,9 @@ def test_gradcheck_and_gradgradcheck() -> None:
     on_device = _on(geom)
 
     def fn(*a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return triton_attention.WindowAttentionFunction.apply(*a, on_device, 2)
+        return triton_attention.WindowAttentionFunction.apply(
+            *a, on_device, 2, attention.torch_window_attention
+        )
 
     # fast_mode: random projections of the Jacobian, few interpreted kernel launches.
     assert torch.autograd.gradcheck(fn, args, fast_mode=True)
@@ -209,8 +217,8 @@ def test_gradcheck_and_gradgradcheck() -> None:
 def test_deterministic() -> None:
     geom = geometry(mixed_batch(), torch.float32)
     x = inputs(geom, heads=2, dim=16, seed=1)
-    first = run(triton_attention.window_attention, geom, x, DEVICE)
-    second = run(triton_attention.window_attention, geom, x, DEVICE)
+    first = run(fused, geom, x, DEVICE)
+    second = run(fused, geom, x, DEVICE)
     for name, t in first.items():
         if t is not None:
             assert torch.equal(t, second[name]), name
@@ -236,7 +244,7 @@ def test_model_energy_forces_stress(monkeypatch: pytest.MonkeyPatch) -> None:
         return [t.detach().cpu() for t in (energy, dpos, dcell, flat)]
 
     ref = derivatives(torch.device("cpu"))
-    monkeypatch.setattr(attention, "window_attention", triton_attention.window_attention)
+    monkeypatch.setattr(attention, "window_attention", fused)
     got = derivatives(DEVICE)
     model.cpu()
     for name, a, b in zip(("energy", "forces", "stress", "force-loss grad"), got, ref):
@@ -247,11 +255,9 @@ def test_refuses_bad_input() -> None:
     geom = geometry(one_atom(), torch.float64)
     x = inputs(geom, heads=1, dim=4, seed=0)
     with pytest.raises(TypeError, match="float32 or float64"):
-        triton_attention.window_attention(
-            x["q"].float(), x["k"], x["v"], x["gamma"], geom
-        )
+        fused(x["q"].float(), x["k"], x["v"], x["gamma"], geom)
     with pytest.raises(ValueError, match="gamma must be"):
-        triton_attention.window_attention(x["q"], x["k"], x["v"], x["gamma"][:, :0], geom)
+        fused(x["q"], x["k"], x["v"], x["gamma"][:, :0], geom)
     assert not triton_attention.available(x["q"].cpu())
     assert not triton_attention.available()
 
@@ -270,11 +276,11 @@ def test_path_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.skipif(not CUDA, reason="dispatch happens on CUDA tensors only")
 def test_dispatch_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    fused = triton_attention.window_attention
+    kernels = triton_attention.window_attention
 
     def spy(*args, **kwargs):
         calls.append(1)
-        return fused(*args, **kwargs)
+        return kernels(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "window_attention", spy)
     geom = geometry(mixed_batch(), torch.float32)
