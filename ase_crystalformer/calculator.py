@@ -452,6 +452,10 @@ class CrystalformerCalculator(Calculator):
         ``shift`` (B,) eV is added to the energy (a potential's reference energies)."""
         values = out.detach().to("cpu", torch.float64).numpy()  # (B, T)
         n_atoms = batch.n_atoms.cpu().numpy()
+        energy = self.energy_target
+        if shift is not None and energy is not None and energy.model == index:
+            values = values.copy()  # the energy per atom, references included, as the energy
+            values[:, energy.column] += shift / n_atoms
         for t in self.targets:
             if t.model == index:
                 for b, row in enumerate(rows):
@@ -460,12 +464,10 @@ class CrystalformerCalculator(Calculator):
             embedding = emb.detach().to("cpu", torch.float64).numpy()  # (B, d)
             for b, row in enumerate(rows):
                 row["embedding"] = embedding[b]
-        energy = self.energy_target
         if energy is None or energy.model != index:
             return
         for b, row in enumerate(rows):
-            offset = 0.0 if shift is None else float(shift[b])
-            row["energy"] = row["free_energy"] = float(values[b, energy.column] * n_atoms[b]) + offset
+            row["energy"] = row["free_energy"] = float(values[b, energy.column] * n_atoms[b])
         if derivatives is None:
             return
         forces = derivatives["forces"].detach().to("cpu", torch.float64).numpy()  # (N, 3)

@@ -92,8 +92,10 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
 
     from .domain import OutOfDomainWarning
     from .errors import CrystalformerError
+    from .forces import energy_target_index
     from .geometry import build_window
     from .inference import load_models, target_properties
+    from .potential import reference_per_atom
 
     if fmt is None:
         suffix = outfile.suffix.lower() if outfile is not None else ""
@@ -126,6 +128,9 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
                         values[m][start : start + len(chunk)] = model.predict(chunk, batch_size=batch_size, primitive=primitive).reshape(len(chunk), -1)
+                    shift = reference_per_atom(model, chunk)  # a potential's energy is network + references
+                    if shift is not None:
+                        values[m][start : start + len(chunk), energy_target_index(model)] += shift
                     for w in caught:
                         if isinstance(w.message, OutOfDomainWarning):
                             outside[m].update({start + k: reason for k, reason in w.message.problems.items()})

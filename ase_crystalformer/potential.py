@@ -250,6 +250,21 @@ def references_of(model: Crystalformer) -> References | None:
     return None if data is None else References.from_dict(data)
 
 
+def reference_per_atom(model: Crystalformer, structures: Sequence[Atoms]) -> np.ndarray | None:
+    """Σ n μ / N (eV/atom) per structure for a potential (NaN for an element without a
+    reference), to add to its network's energy per atom; None for other models."""
+    refs = references_of(model)
+    if refs is None:
+        return None
+    out = np.full(len(structures), np.nan)
+    for k, atoms in enumerate(structures):
+        try:
+            out[k] = refs.energy(atoms.numbers) / len(atoms)
+        except DataError:
+            pass
+    return out
+
+
 # ------------------------------------------------------------------------------- examples
 def make_examples(frames: Sequence[Frame], refs: References, cutoff: float) -> tuple[list[Example], list[str]]:
     """Training examples (label: residual energy per atom) and the source of each."""

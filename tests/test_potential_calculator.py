@@ -57,6 +57,7 @@ def test_energy_is_the_network_plus_the_default_sources_references():
     direct = energy_forces_stress(reference, batch)
     shift = 2 * (-1.3) + 2 * (-1.8)  # MPtrj's μ for Na and Cl
     assert atoms.get_potential_energy() == pytest.approx(float(direct["energy"][0].detach()) + shift, abs=1e-10)
+    assert calc.get_property("energy_per_atom", atoms) == pytest.approx(atoms.get_potential_energy() / 4, abs=1e-12)
     np.testing.assert_allclose(atoms.get_forces(), direct["forces"].detach().numpy(), atol=1e-12)
 
 
@@ -147,3 +148,21 @@ def test_phonons_and_relax_default_to_the_shipped_potential(tmp_path, monkeypatc
     b = relax(si, CrystalformerCalculator(tmp_path / DEFAULT_POTENTIAL), steps=3)[0]
     np.testing.assert_array_equal(a.atoms.positions, b.atoms.positions)
     assert a.energy == b.energy
+
+
+def test_cli_predict_reports_the_potentials_energy_per_atom(tmp_path):
+    from ase.io import write
+    from click.testing import CliRunner
+
+    from ase_crystalformer.cli import main
+
+    model = _potential()
+    save_checkpoint(model, tmp_path / "pes" / "model.safetensors", model.metadata)
+    atoms = bulk("NaCl", "rocksalt", 5.6)
+    write(tmp_path / "nacl.cif", atoms)
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "nacl.cif"), "--model", str(tmp_path / "pes"),
+                                       "--format", "csv", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    value = float(result.output.strip().splitlines()[-1].split(",")[-1])
+    expected = CrystalformerCalculator(tmp_path / "pes").get_potential_energy(atoms) / 2
+    assert value == pytest.approx(expected, abs=1e-4)
