@@ -8,6 +8,7 @@ from .checkpoint import list_models, load_model
 from .config import ModelConfig, TargetSpec, TrainConfig
 from .errors import CheckpointError, CrystalformerError, DataError, StructureError
 from .model import Crystalformer
+from .relax import relax  # the function shadows its module's name on the package, on purpose
 
 try:
     __version__ = _version("ase-crystalformer")
@@ -45,5 +46,6 @@ __all__ = [
     "__version__",
     "list_models",
     "load_model",
+    "relax",
     "run_phonons",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
@@ -21,9 +22,10 @@ from ase.calculators.calculator import (
     all_changes,
 )
 
+from . import inference
 from .checkpoint import energy_models
 from .domain import warn_outside
-from .errors import StructureError
+from .errors import DataError, StructureError
 from .forces import energy_forces_stress
 from .geometry import Batch, collate, windows_for
 from .inference import (
@@ -38,6 +40,7 @@ from .inference import (
     target_properties,
 )
 from .model import Crystalformer
+from .potential import DEFAULT_POTENTIAL, is_potential, references_of
 from .structures import as_atoms_list, check_atoms, describe
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,10 @@ _NO_VOLUME = (
     "a vacuum vector (ASE's convention divides dE/dε by the whole cell volume, vacuum "
     "included). Forces work for any cell."
 )
+
+
+class NotAPotentialWarning(UserWarning):
+    """Energy, forces and stress taken from a property regressor rather than a potential."""
 
 
 def _has_volume(atoms: Atoms) -> bool:
@@ -71,8 +78,16 @@ class CrystalformerCalculator(Calculator):
       pass through; a name two models share gets the second model's label appended);
     * ``embedding``: the mean-pooled crystal vector (d,) of the first model;
     * ``energy``, ``free_energy`` (eV), ``forces`` (eV/Å) and ``stress`` (eV/Å³, Voigt
-      xx yy zz yz xz xy) only when a model has an energy-type target (``TargetSpec.kind ==
-      "energy"``, eV/atom); the first such target is used.
+      xx yy zz yz xz xy) from a potential (a model trained on DFT energies, forces and
+      stresses; ``potential.py``). ``CrystalformerCalculator()`` loads every shipped model:
+      the property models, and the potential ``potential.DEFAULT_POTENTIAL`` for these four.
+      A model with an energy-type target that is not a potential (``mp-e_form``: formation
+      energy per atom × N) gives them only when named explicitly, with a
+      ``NotAPotentialWarning``. A potential's energy is its network's energy plus the
+      per-element reference energies of its default source (MPtrj-compatible PBE(+U)).
+
+    A model runs only when a property it provides is asked for, so a relaxation or MD step
+    (energy, forces, stress) runs the potential alone.
 
     Energy and derivatives. With e(p, L) the predicted energy per atom of a crystal with
     positions p (n, 3) and lattice rows L (3, 3), the total energy is E = n·e. The model
@@ -88,9 +103,9 @@ class CrystalformerCalculator(Calculator):
     strain of the whole cell, atoms included, over the whole cell volume, vacuum included; a
     cell of zero volume (zero vectors on open axes) gets ``PropertyNotImplementedError``.
 
-    What the forces mean: the gradient of a model trained on (mostly relaxed) structures
-    is not a force field unless the energy model was trained on energies/forces away from
-    equilibrium.
+    What the forces mean: a potential was trained on forces and stresses away from
+    equilibrium; the gradient of a regressor trained on relaxed structures only is not a
+    force field, hence the warning.
 
     Custom properties (targets, embedding) are also written to ``atoms.info`` as
     ``crystalformer_<name>`` so that they survive ``ase.io.write`` in extxyz; energy,
@@ -133,11 +148,13 @@ class CrystalformerCalculator(Calculator):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        self.models: list[tuple[str, Crystalformer]] = load_models(model, self.device, self.dtype)
-        self.targets: list[TargetProperty] = target_properties(self.models)
-        self.energy_target: TargetProperty | None = next(
-            (t for t in self.targets if t.target.kind == "energy"), None
+        explicit = model is not None
+        self.models: list[tuple[str, Crystalformer]] = load_models(
+            model if explicit else (_default_models() or None), self.device, self.dtype
         )
+        self.targets: list[TargetProperty] = target_properties(self.models)
+        self.energy_target: TargetProperty | None = _energy_target(self.models, self.targets, explicit)
+        self._warned_not_potential = False
         names = [t.name for t in self.targets] + ["embedding"]
         energy = list(ENERGY_PROPERTIES) if self.energy_target is not None else []
         self.implemented_properties = energy + names  # a new list: never the base class's
@@ -232,6 +249,7 @@ class CrystalformerCalculator(Calculator):
             want_grad = bool({"forces", "stress"} & set(properties))
             result = self._evaluate(
                 [current],
+                properties,
                 forces=want_grad,
                 stress=want_grad and _has_volume(current),
                 batch_size=1,
@@ -286,7 +304,7 @@ class CrystalformerCalculator(Calculator):
             raise ValueError(f"batch_size must be >= 1, got {size}")
         want_grad = bool({"forces", "stress"} & set(properties))
         results = self._evaluate(
-            atoms_list, forces=want_grad, stress="stress" in properties, batch_size=size
+            atoms_list, properties, forces=want_grad, stress="stress" in properties, batch_size=size
         )
         results = [{p: r[p] for p in properties} for r in results]
         if store_info:
@@ -346,22 +364,58 @@ class CrystalformerCalculator(Calculator):
                 continue  # extxyz stores these from the calculator results
             atoms.info[INFO_PREFIX + name] = value.copy() if isinstance(value, np.ndarray) else value
 
+    def _needed(self, properties: Sequence[str]) -> set[int]:
+        """Indices of the models that provide one of ``properties``: only those run."""
+        need = {t.model for t in self.targets if t.name in properties}
+        if "embedding" in properties:
+            need.add(0)
+        if self.energy_target is not None and set(ENERGY_PROPERTIES) & set(properties):
+            need.add(self.energy_target.model)
+            if not is_potential(self.models[self.energy_target.model][1]):
+                self._warn_not_potential()
+        return need
+
+    def _warn_not_potential(self) -> None:
+        if self._warned_not_potential:
+            return
+        self._warned_not_potential = True
+        label = self.models[self.energy_target.model][0]
+        name = self.energy_target.target.name
+        warnings.warn(
+            f"{label}: energy, forces and stress come from a property regressor: the energy is its "
+            f"{name!r} (eV/atom) × number of atoms, a model fitted to relaxed structures only, so "
+            "its forces and stress are gradients that no training constrained, not those of a "
+            f"potential. For relaxations, MD and phonons use the potential {DEFAULT_POTENTIAL!r} "
+            "(CrystalformerCalculator() with no model).",
+            NotAPotentialWarning,
+            stacklevel=4,
+        )
+
     def _evaluate(
-        self, atoms_list: Sequence[Atoms], *, forces: bool, stress: bool, batch_size: int
+        self, atoms_list: Sequence[Atoms], properties: Sequence[str], *, forces: bool, stress: bool,
+        batch_size: int,
     ) -> list[dict[str, Any]]:
-        """Every target and the embedding, plus energy/forces/stress when asked; per structure.
+        """The outputs of the models that provide ``properties`` (all their targets, the
+        embedding if the first model ran), and energy/forces/stress when asked; per structure.
 
         ``stress`` must only be asked for cells with a volume (``_check_request``).
         """
         results: list[dict[str, Any]] = [{} for _ in atoms_list]
         energy = self.energy_target
         with self._lock, eval_mode([m for _, m in self.models]):
-            for cutoff, members in self._groups.items():
+            needed = self._needed(properties)
+            for cutoff, group in self._groups.items():
+                members = [index for index in group if index in needed]
+                if not members:
+                    continue
                 windows = windows_for(atoms_list, cutoff)  # raises StructureError, labelled
                 for index in members:
                     label, model = self.models[index]
                     numbers = enumerate(w.numbers for w in windows)
                     warn_outside(label, model.metadata.get("domain"), numbers, len(windows))
+                offsets = None
+                if energy is not None and energy.model in members:
+                    offsets = _reference_energies(self.models[energy.model], windows, atoms_list)
                 for start in range(0, len(windows), batch_size):
                     batch = collate(windows[start : start + batch_size], self.dtype)
                     batch = batch.to(self.device)
@@ -380,7 +434,8 @@ class CrystalformerCalculator(Calculator):
                             with torch.no_grad():
                                 emb = model.embed(batch)  # (B, d)
                                 out = model.targets(model.head(emb))  # (B, T)
-                        self._fill(rows, index, batch, out, emb, derivatives)
+                        shift = None if offsets is None else offsets[start : start + batch_size]
+                        self._fill(rows, index, batch, out, emb, derivatives, shift)
         return results
 
     def _fill(
@@ -391,10 +446,16 @@ class CrystalformerCalculator(Calculator):
         out: torch.Tensor,
         emb: torch.Tensor,
         derivatives: dict[str, torch.Tensor] | None,
+        shift: np.ndarray | None = None,
     ) -> None:
-        """Copy one model's outputs for one batch into the per-structure result dicts."""
+        """Copy one model's outputs for one batch into the per-structure result dicts;
+        ``shift`` (B,) eV is added to the energy (a potential's reference energies)."""
         values = out.detach().to("cpu", torch.float64).numpy()  # (B, T)
         n_atoms = batch.n_atoms.cpu().numpy()
+        energy = self.energy_target
+        if shift is not None and energy is not None and energy.model == index:
+            values = values.copy()  # the energy per atom, references included, as the energy
+            values[:, energy.column] += shift / n_atoms
         for t in self.targets:
             if t.model == index:
                 for b, row in enumerate(rows):
@@ -403,7 +464,6 @@ class CrystalformerCalculator(Calculator):
             embedding = emb.detach().to("cpu", torch.float64).numpy()  # (B, d)
             for b, row in enumerate(rows):
                 row["embedding"] = embedding[b]
-        energy = self.energy_target
         if energy is None or energy.model != index:
             return
         for b, row in enumerate(rows):
@@ -438,3 +498,42 @@ def _head_input(model: Crystalformer) -> Iterator[list[torch.Tensor]]:
         yield seen
     finally:
         handle.remove()
+
+
+def _default_models() -> list[str]:
+    """What ``CrystalformerCalculator()`` loads: every findable model,
+    with ``DEFAULT_POTENTIAL`` last (so the first model, whose embedding is reported, is a
+    property model as before)."""
+    names = inference.list_models()
+    rest = [n for n in names if n != DEFAULT_POTENTIAL]
+    return rest + [DEFAULT_POTENTIAL] if DEFAULT_POTENTIAL in names else rest
+
+
+def _energy_target(
+    models: Sequence[tuple[str, Crystalformer]], targets: Sequence[TargetProperty], explicit: bool
+) -> TargetProperty | None:
+    """The energy-type target that gives energy, forces and stress: a potential's first; a
+    regressor's only when the models were named explicitly (and none is a potential)."""
+    energy = [t for t in targets if t.target.kind == "energy"]
+    for t in energy:
+        if is_potential(models[t.model][1]):
+            return t
+    return energy[0] if energy and explicit else None
+
+
+def _reference_energies(
+    entry: tuple[str, Crystalformer], windows: Sequence[Any], atoms_list: Sequence[Atoms]
+) -> np.ndarray | None:
+    """Σ n μ (eV) per structure for a potential; None for a model without references."""
+    label, model = entry
+    refs = references_of(model)
+    if refs is None:
+        return None
+    out = np.empty(len(windows))
+    for k, window in enumerate(windows):
+        try:
+            out[k] = refs.energy(window.numbers)
+        except DataError as err:
+            where = describe(atoms_list[k], k if len(atoms_list) > 1 else None)
+            raise StructureError(f"{where}: {label} has no energy for it: {err}") from err
+    return out

@@ -92,8 +92,10 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
 
     from .domain import OutOfDomainWarning
     from .errors import CrystalformerError
+    from .forces import energy_target_index
     from .geometry import build_window
     from .inference import load_models, target_properties
+    from .potential import reference_per_atom
 
     if fmt is None:
         suffix = outfile.suffix.lower() if outfile is not None else ""
@@ -126,6 +128,9 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
                         values[m][start : start + len(chunk)] = model.predict(chunk, batch_size=batch_size, primitive=primitive).reshape(len(chunk), -1)
+                    shift = reference_per_atom(model, chunk)  # a potential's energy is network + references
+                    if shift is not None:
+                        values[m][start : start + len(chunk), energy_target_index(model)] += shift
                     for w in caught:
                         if isinstance(w.message, OutOfDomainWarning):
                             outside[m].update({start + k: reason for k, reason in w.message.problems.items()})
@@ -528,7 +533,7 @@ def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, 
 
 @main.command()
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); needs an energy-type target. Default: the shipped energy-type models.")
+@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); needs an energy-type target. Default: the shipped potential.")
 @click.option("--supercell", nargs=3, type=click.IntRange(min=1), default=(2, 2, 2), show_default=True)
 @click.option("--displacement", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Atomic displacement in Å.")
 @click.option("--mesh", nargs=3, type=click.IntRange(min=1), default=(20, 20, 20), show_default=True, help="q-point mesh for DOS and thermal properties.")
@@ -540,8 +545,8 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
     from ase.calculators.calculator import PropertyNotImplementedError
     from ase.io import read
 
-    from .checkpoint import energy_models
     from .errors import CrystalformerError
+    from .potential import DEFAULT_POTENTIAL
 
     try:
         from .calculator import CrystalformerCalculator
@@ -553,10 +558,7 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
     except Exception as err:  # ase raises many types for unreadable files
         raise click.ClickException(f"{structure}: cannot read a structure ({err})") from err
     try:
-        names = list(model_names) or energy_models()
-        if not names:
-            raise click.ClickException("no shipped model has an energy-type target; pass --model")
-        calc = CrystalformerCalculator(names, device=device, dtype="float64")
+        calc = CrystalformerCalculator(list(model_names) or DEFAULT_POTENTIAL, device=device, dtype="float64")
         result = run_phonons(atoms, calc, supercell=supercell, displacement=displacement, mesh=mesh, out_dir=out_dir)
     except (CrystalformerError, PropertyNotImplementedError, ValueError) as err:
         raise click.ClickException(str(err)) from err
@@ -568,3 +570,117 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
     click.echo(f"at {t['temperatures'][i]:.0f} K: F = {t['free_energy'][i]:.3f} kJ/mol, S = {t['entropy'][i]:.2f} J/K/mol, Cv = {t['heat_capacity'][i]:.2f} J/K/mol (per mole of primitive cells)")
     for path in result.files.values():
         click.echo(f"wrote {path}")
+
+
+@main.command("train-potential")
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False), envvar="CRYSTALFORMER_DATA_DIR", help="Shared data folder: forces/*.xyz and the mp-megnet structures [env CRYSTALFORMER_DATA_DIR].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, log.jsonl, splits.json, references.json).")
+@click.option("--epochs", default=400, show_default=True, type=click.IntRange(min=1), help="Sub-epochs of --steps-per-epoch batches each.")
+@click.option("--steps-per-epoch", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--lr-decay-steps", default=4000, show_default=True, type=click.IntRange(min=1), help="T of lr·sqrt(T/(T+t)).")
+@click.option("--swa-epochs", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--force-weight", default=0.3, show_default=True, help="Weight of the force L1 loss (eV/Å); the energy loss is L1 of energy per atom over its training std.")
+@click.option("--stress-weight", default=3.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³).")
+@click.option("--relaxed-share", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of the draws that are relaxed MP structures.")
+@click.option("--max-val-relaxed", default=200, show_default=True, type=click.IntRange(min=0), help="Relaxed MEGNet-val structures in the validation set.")
+@click.option("--blocks", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--d-model", default=64, show_default=True, type=click.IntRange(min=8))
+@click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=123, show_default=True, type=int)
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@click.option("--overwrite", is_flag=True, help="Remove the files of a previous run in --out and start afresh.")
+@device_option
+def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
+                    lr_decay_steps: int, swa_epochs: int, force_weight: float, stress_weight: float,
+                    relaxed_share: float, max_val_relaxed: int, blocks: int, d_model: int, heads: int, seed: int,
+                    threads: int | None, resume: bool, overwrite: bool, device: str) -> None:
+    """Train a Crystalformer potential on DFT energies, forces and stresses.
+
+    Data: every frame of DATA_DIR/forces/*.xyz and the DFT-relaxed mp-megnet structures of the
+    MEGNet train split (formation energy × N, zero forces and stress). Split by material id;
+    per-source, per-element reference energies; see ase_crystalformer.potential.
+    """
+    import sys
+
+    import torch
+
+    from .config import TrainConfig
+    from .errors import CrystalformerError
+    from .potential import default_model_config, train_potential as run
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def echo(summary: dict) -> None:
+        val = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k.startswith("val_") and "/" not in k)
+        click.echo(f"epoch {summary['epoch']:>4} step {summary['step']:>6} loss {summary['train_loss']:.4f} "
+                   f"{val} ({summary['wall_time_s']:.0f} s)", err=False)
+
+    try:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_steps=lr_decay_steps,
+                             swa_epochs=min(swa_epochs, epochs), seed=seed, force_weight=force_weight,
+                             stress_weight=stress_weight, eval_batch_size=32)
+        model_config = default_model_config(n_blocks=blocks, d_model=d_model, n_heads=heads,
+                                            d_ff=4 * d_model, d_head_mlp=d_model)
+        report = run(data_dir, out, config=config, model_config=model_config, steps_per_epoch=steps_per_epoch,
+                     relaxed_share=relaxed_share, max_val_relaxed=max_val_relaxed, resume=resume, overwrite=overwrite, device=device,
+                     command=" ".join(["crystalformer", *sys.argv[1:]]), on_epoch=echo)
+    except (CrystalformerError, ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(report))
+
+
+@main.command("relax")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for relaxed.extxyz and summary.csv (and traj/ with --trajectory).")
+@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); default: the shipped potential.")
+@click.option("--fmax", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Force criterion in eV/Å (with the cell: also stress × volume).")
+@click.option("--steps", default=500, show_default=True, type=click.IntRange(min=0), help="Most optimizer steps per structure.")
+@click.option("--fixed-cell", is_flag=True, help="Relax positions only (default: positions and cell, FrechetCellFilter).")
+@click.option("--optimizer", type=click.Choice(["FIRE", "BFGS", "LBFGS"]), default="FIRE", show_default=True)
+@click.option("--trajectory", is_flag=True, help="Write OUT/traj/<k>.traj for the k-th structure.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Structures per model call.")
+@device_option
+def relax_command(files: tuple[str, ...], out_dir: str, model_names: tuple[str, ...], fmax: float, steps: int,
+                  fixed_cell: bool, optimizer: str, trajectory: bool, batch_size: int, device: str) -> None:
+    """Relax every structure in FILES (CIF, POSCAR, extxyz, ...), all together in batches.
+
+    Writes OUT/relaxed.extxyz (the relaxed structures with energy, forces, stress and their
+    converged flag) and OUT/summary.csv (steps, final energy and fmax, volume change).
+    """
+    import pandas as pd
+    from ase.io import write
+
+    from .errors import CrystalformerError
+    from .potential import DEFAULT_POTENTIAL
+    from .relax import relax
+
+    entries = _read_structures(files, "structure", False)
+    labels, frames = [e.label for e in entries], [e.atoms for e in entries]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if trajectory:
+        (out / "traj").mkdir(exist_ok=True)
+    try:
+        from .calculator import CrystalformerCalculator
+
+        calc = CrystalformerCalculator(list(model_names) or DEFAULT_POTENTIAL, device=device, batch_size=batch_size)
+        results = relax(frames, calc, fmax=fmax, steps=steps, cell=not fixed_cell, optimizer=optimizer,
+                        trajectory=str(out / "traj" / "{index}.traj") if trajectory else None)
+    except (CrystalformerError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    rows = []
+    for label, start, r in zip(labels, frames, results, strict=True):
+        r.atoms.info.update(structure=label, converged=r.converged, relax_steps=r.steps)
+        v0, v1 = start.get_volume(), r.atoms.get_volume()
+        rows.append({"structure": label, "formula": r.atoms.get_chemical_formula(), "converged": r.converged,
+                     "steps": r.steps, "energy_eV": r.energy, "fmax_eV_A": r.fmax,
+                     "volume_A3": v1, "volume_change": v1 / v0 - 1})
+    write(out / "relaxed.extxyz", [r.atoms for r in results], format="extxyz")
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "summary.csv", index=False)
+    click.echo(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    click.echo(f"{sum(r.converged for r in results)} of {len(results)} converged (fmax {fmax} eV/Å); wrote {out / 'relaxed.extxyz'}, {out / 'summary.csv'}")

@@ -3,9 +3,9 @@ DOS and thermal properties.
 
 All displaced supercells go through ``CrystalformerCalculator.predict`` in batches (any other
 ASE calculator works too, one supercell at a time). The forces are the model's position
-gradients: meaningful phonons need a model trained on energies (and ideally forces) of
-displaced structures; a model trained on relaxed structures only gives a curvature that
-nothing constrained.
+gradients, by default those of the shipped potential (trained on DFT energies, forces and
+stresses); a model trained on relaxed structures only gives a curvature that nothing
+constrained.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ase.cell import Cell
 
 from .calculator import CrystalformerCalculator
 from .errors import missing_extra
+from .potential import DEFAULT_POTENTIAL
 from .structures import check_atoms, describe, to_atoms
 
 try:
@@ -76,7 +77,7 @@ def run_phonons(
 
     ``calc_or_model``: a ``CrystalformerCalculator``, any ASE calculator, or what
     ``CrystalformerCalculator`` takes (name, path, ``Crystalformer``, list; ``None``: the
-    shipped models), then evaluated in float64. ``supercell`` is a diagonal (3,) or a
+    shipped potential ``potential.DEFAULT_POTENTIAL``), then evaluated in float64. ``supercell`` is a diagonal (3,) or a
     (3, 3) matrix; ``displacement`` in Å; ``mesh`` a q-mesh or a length (phonopy's
     convention). With ``out_dir``: ``phonopy_params.yaml``, ``band_dos.png`` and
     ``thermal.csv`` are written there. The structure is used as given; relax it first.
@@ -172,7 +173,7 @@ def _thermal(phonon: Any, temperatures: tuple[float, float, float]) -> dict[str,
 def _as_calculator(calc_or_model: Any) -> BaseCalculator:
     if isinstance(calc_or_model, BaseCalculator):
         return calc_or_model
-    return CrystalformerCalculator(calc_or_model, dtype="float64")
+    return CrystalformerCalculator(DEFAULT_POTENTIAL if calc_or_model is None else calc_or_model, dtype="float64")
 
 
 def _forces(calc: BaseCalculator, supercells: list[Atoms], batch_size: int) -> list[np.ndarray]:

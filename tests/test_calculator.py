@@ -213,7 +213,8 @@ def test_loading_by_path_and_default(tmp_path, monkeypatch) -> None:
     with pytest.raises(CheckpointError, match="no shipped model"):
         CrystalformerCalculator()
     monkeypatch.setattr(inference, "list_models", lambda: [str(tmp_path / "tiny-energy")])
-    assert "energy" in CrystalformerCalculator(device="cpu").implemented_properties
+    # an energy-type regressor gives energy only when named (above), never by default
+    assert "energy" not in CrystalformerCalculator(device="cpu").implemented_properties
 
 
 def test_setup_errors(energy_calc) -> None:

@@ -93,20 +93,23 @@ def test_cli_phonons(tmp_path) -> None:
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"phonopy_params.yaml", "band_dos.png", "thermal.csv"}
 
 
-def test_cli_phonons_default_uses_only_energy_models(tmp_path, monkeypatch) -> None:
+def test_cli_phonons_default_uses_the_shipped_potential(tmp_path, monkeypatch) -> None:
     from ase.io import write
     from click.testing import CliRunner
 
-    from ase_crystalformer import checkpoint
-    from ase_crystalformer.checkpoint import energy_models, save_checkpoint
+    from ase_crystalformer import potential
+    from ase_crystalformer.checkpoint import MODELS_ENV, save_checkpoint
     from ase_crystalformer.cli import main
 
-    energy = save_checkpoint(tiny_energy_model(), tmp_path / "energy.safetensors")
-    gap_config = ModelConfig(n_blocks=1, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32, targets=(TargetSpec("band_gap", "eV"),))
-    gap = save_checkpoint(Crystalformer(gap_config), tmp_path / "gap.safetensors")
-    monkeypatch.setattr(checkpoint, "list_models", lambda: [str(gap), str(energy)])
-    assert energy_models() == [str(energy)]
-    monkeypatch.setattr(checkpoint, "list_models", lambda: [str(gap)])
+    save_checkpoint(tiny_energy_model(), tmp_path / "my-pes" / "model.safetensors", {"kind": "potential"})
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    monkeypatch.setattr(potential, "DEFAULT_POTENTIAL", "my-pes")
     write(tmp_path / "nacl.cif", bulk("NaCl", "rocksalt", a=5.0))
-    result = CliRunner().invoke(main, ["phonons", str(tmp_path / "nacl.cif"), "--device", "cpu"])
-    assert result.exit_code == 1 and "no shipped model has an energy-type target; pass --model" in result.output
+    args = ["phonons", str(tmp_path / "nacl.cif"), "--device", "cpu", "--supercell", "1", "1", "1",
+            "--mesh", "2", "2", "2", "--out", str(tmp_path / "ph")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "lowest frequency" in result.output
+    monkeypatch.setattr(potential, "DEFAULT_POTENTIAL", "no-such-potential")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "no model named or at 'no-such-potential'" in result.output

@@ -1,0 +1,452 @@
+"""The Crystalformer potential: a model trained on DFT energies, forces and stresses.
+
+Everything that makes a potential rather than a property regressor lives here:
+
+* the data: extxyz frames with total energy, forces and stress (one DFT setup per
+  ``info["source"]``), plus DFT-relaxed structures whose formation energy per atom × N is one
+  more source and whose forces and stress are zero at equilibrium;
+* the split, by material (trajectory) id, never frame by frame: a material that the MEGNet
+  leaderboard split lists keeps that split (its val/test stay out of training), any other goes
+  to train/val/test by a hash of its id;
+* per-source, per-element reference energies μ: the sources differ in code, correction scheme
+  and zero of energy (a formation energy is a total energy minus elemental references), so each
+  source's energies are fitted by least squares as E ≈ Σ_el n_el μ_{s,el} on its training
+  frames, and the network learns the residual E − Σ n μ_s shared by all sources;
+* the reported energy: network + Σ n μ of ``DEFAULT_SOURCE`` (MPtrj, i.e. MP-compatible PBE(+U)
+  total energies); elements that source never saw take the pooled fit over all total-energy
+  sources. Forces and stress do not depend on μ;
+* the training loop (``training.Trainer`` with force-aware validation and sub-epochs) and the
+  name of the shipped potential, ``DEFAULT_POTENTIAL``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import chemical_symbols
+from ase.stress import voigt_6_to_full_3x3_stress
+
+from .config import ModelConfig, TargetSpec, TrainConfig
+from .data import load_dataset
+from .domain import training_domain
+from .errors import CheckpointError, DataError, StructureError
+from .forces import energy_forces_stress
+from .geometry import build_window
+from .inference import resolve_device
+from .model import Crystalformer
+from .rundir import run_directory
+from .training import Example, Trainer, _to_batch, ids_digest, write_json
+
+log = logging.getLogger(__name__)
+
+#: The shipped potential that ``CrystalformerCalculator()`` uses for energy, forces and stress.
+DEFAULT_POTENTIAL = "dft-pes"
+#: The source whose references the reported energy uses: MPtrj (MP-compatible total energies).
+DEFAULT_SOURCE = "mptrj"
+#: Source name of the relaxed structures' formation energies (eV/atom × N).
+FORMATION_SOURCE = "mp-e_form"
+#: ``info["source"]`` of the extxyz frames → reference-energy source.
+SOURCE_NAMES = {"MPtrj": "mptrj", "Alexandria": "alexandria", "Internal": "mattersim"}
+#: The ``info`` key that names a frame's material or trajectory, by preference.
+GROUP_KEYS = ("mptrj_traj_id", "alexandria_id", "internal_id")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+#: The energy target of a potential: the residual energy per atom after the references.
+ENERGY_TARGET = TargetSpec("energy", "eV/atom", kind="energy")
+#: Ridge weight (eV², per atom) that keeps an element seen in few frames near the pooled μ.
+RIDGE = 1e-3
+
+
+@dataclass
+class Frame:
+    """One labelled structure of a potential's data set.
+
+    ``energy`` is the source's total energy in eV (for ``FORMATION_SOURCE``: formation energy
+    per atom × N); ``forces`` (n, 3) eV/Å and ``stress`` (3, 3) eV/Å³ in ASE's sign convention.
+    """
+
+    id: str  # unique: file stem and frame index, or the MP id
+    group: str  # the split unit: material / trajectory id
+    source: str  # reference-energy source
+    file: str  # where it came from, for per-file reports
+    atoms: Atoms
+    energy: float
+    forces: np.ndarray
+    stress: np.ndarray
+
+
+# ------------------------------------------------------------------------------- reading
+def read_frames(path: str | Path) -> list[Frame]:
+    """Every frame of one extxyz file with energy, forces and stress (``DataError`` otherwise)."""
+    from ase.io import read
+
+    path = Path(path)
+    first = read(path, index=0, format="extxyz")
+    raw = first.info.get("source")
+    if raw not in SOURCE_NAMES:
+        raise DataError(f"{path}: info['source'] is {raw!r}; known sources: {sorted(SOURCE_NAMES)}")
+    key = next((k for k in GROUP_KEYS if k in first.info), None)
+    if key is None:
+        raise DataError(f"{path}: frames carry no material/trajectory id (one of {list(GROUP_KEYS)})")
+    dataset = load_dataset(path, ["energy"], id_column=key, split="ratio")
+    if dataset.skipped:
+        log.warning("%s: skipped %d frames: %s", path, len(dataset.skipped), dataset.skipped[:3])
+    frames = []
+    for index, record in enumerate(dataset.records):
+        if record.forces is None or record.stress is None:
+            raise DataError(f"{path}: frame {index} ({record.id}) lacks forces or stress")
+        frames.append(
+            Frame(f"{path.stem}#{index}", record.id, SOURCE_NAMES[raw], path.name, record.atoms,
+                  record.targets["energy"], record.forces, voigt_6_to_full_3x3_stress(record.stress))
+        )
+    return frames
+
+
+def read_relaxed(data_dir: str | Path) -> tuple[list[Frame], dict[str, str]]:
+    """The DFT-relaxed MP structures (``mp-megnet``) as frames of ``FORMATION_SOURCE`` with
+    zero forces and stress, and the MEGNet leaderboard split of every listed id."""
+    dataset = load_dataset("mp-megnet", ["e_form"], data_dir=data_dir)
+    split_of = {dataset.records[i].id: name for name, rows in dataset.splits.items() for i in rows}
+    frames = []
+    for record in dataset.records:
+        n = len(record.atoms)
+        frames.append(
+            Frame(record.id, record.id, FORMATION_SOURCE, "mp-megnet", record.atoms,
+                  record.targets["e_form"] * n, np.zeros((n, 3)), np.zeros((3, 3)))
+        )
+    return frames, split_of
+
+
+def read_all(data_dir: str | Path) -> tuple[list[Frame], dict[str, str]]:
+    """Every frame of ``<data_dir>/forces/*.xyz`` followed by the relaxed MP structures."""
+    files = sorted((Path(data_dir) / "forces").glob("*.xyz"))
+    if not files:
+        raise DataError(f"{data_dir}: no forces/*.xyz files")
+    frames = [f for path in files for f in read_frames(path)]
+    relaxed, split_of = read_relaxed(data_dir)
+    return frames + relaxed, split_of
+
+
+# -------------------------------------------------------------------------------- split
+def _unit_interval(text: str) -> float:
+    """A deterministic number in [0, 1) from a string (platform and seed independent)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def split_frames(
+    frames: Sequence[Frame], fixed: dict[str, str], fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+) -> dict[str, list[int]]:
+    """Indices of train/val/test by material: ``fixed`` (id → split) wins, others by hash.
+
+    All frames of one group (and so one trajectory or material, across sources) share a split.
+    """
+    a, b = fractions[0], fractions[0] + fractions[1]
+    splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for index, frame in enumerate(frames):
+        name = fixed.get(frame.group)
+        if name is None:
+            u = _unit_interval(frame.group)
+            name = "train" if u < a else "val" if u < b else "test"
+        splits[name].append(index)
+    return splits
+
+
+# --------------------------------------------------------------------- reference energies
+@dataclass(frozen=True)
+class References:
+    """Per-source, per-element reference energies μ (eV/atom), and the default source.
+
+    ``pooled`` is one fit over every total-energy source; it is the prior each source's fit
+    is pulled towards and the fallback of the default source for elements it never saw.
+    """
+
+    sources: dict[str, dict[int, float]]
+    pooled: dict[int, float]
+    default: str = DEFAULT_SOURCE
+
+    def mu(self, source: str | None = None) -> dict[int, float]:
+        """μ of ``source`` (default: the default source, completed by the pooled fit)."""
+        if source is None:
+            return {**self.pooled, **self.sources.get(self.default, {})}
+        return self.sources[source]
+
+    def energy(self, numbers: np.ndarray, source: str | None = None) -> float:
+        """Σ_i μ(Z_i) in eV; ``DataError`` for an element without a reference."""
+        mu = self.mu(source)
+        missing = sorted({int(z) for z in numbers} - set(mu))
+        if missing:
+            names = [chemical_symbols[z] for z in missing]
+            raise DataError(f"no reference energy for {names} in source {source or self.default!r}")
+        return float(sum(mu[int(z)] for z in numbers))
+
+    def to_dict(self) -> dict[str, Any]:
+        def named(mu: dict[int, float]) -> dict[str, float]:
+            return {chemical_symbols[z]: round(v, 6) for z, v in sorted(mu.items())}
+
+        return {"default": self.default, "pooled": named(self.pooled),
+                "sources": {s: named(mu) for s, mu in sorted(self.sources.items())},
+                "unit": "eV/atom"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> References:
+        def numbered(mu: dict[str, float]) -> dict[int, float]:
+            return {chemical_symbols.index(s): float(v) for s, v in mu.items()}
+
+        return cls({s: numbered(mu) for s, mu in data["sources"].items()},
+                   numbered(data["pooled"]), data["default"])
+
+
+def _fit(frames: Sequence[Frame], prior: dict[int, float] | None) -> dict[int, float]:
+    """Least squares on per-atom energies, e ≈ Σ x_el μ_el (x: composition fractions),
+    with a ridge term pulling μ towards ``prior`` (0 where it has none)."""
+    elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
+    column = {z: k for k, z in enumerate(elements)}
+    x = np.zeros((len(frames), len(elements)))
+    e = np.empty(len(frames))
+    for row, f in enumerate(frames):
+        for z in f.atoms.numbers:
+            x[row, column[int(z)]] += 1.0 / len(f.atoms)
+        e[row] = f.energy / len(f.atoms)
+    mu0 = np.array([(prior or {}).get(z, 0.0) for z in elements])
+    # min |x μ - e|² + RIDGE |μ - μ0|²  ⇔  (xᵀx + RIDGE) δ = xᵀ(e - x μ0), μ = μ0 + δ
+    lhs = x.T @ x + RIDGE * np.eye(len(elements))
+    delta = np.linalg.solve(lhs, x.T @ (e - x @ mu0))
+    return {z: float(v) for z, v in zip(elements, mu0 + delta, strict=True)}
+
+
+def fit_references(frames: Sequence[Frame], default: str = DEFAULT_SOURCE) -> References:
+    """Fit μ per source on ``frames`` (the training frames); see ``References``."""
+    by_source: dict[str, list[Frame]] = {}
+    for f in frames:
+        by_source.setdefault(f.source, []).append(f)
+    total = [f for f in frames if f.source != FORMATION_SOURCE]
+    if not total:
+        raise DataError("no total-energy frames to fit reference energies on")
+    pooled = _fit(total, None)
+    sources = {
+        s: _fit(group, None if s == FORMATION_SOURCE else pooled) for s, group in by_source.items()
+    }
+    return References(sources, pooled, default)
+
+
+def is_potential(model: Crystalformer) -> bool:
+    """Whether ``model`` was trained as a potential (on energies, forces and stresses)."""
+    return getattr(model, "metadata", {}).get("kind") == "potential"
+
+
+def references_of(model: Crystalformer) -> References | None:
+    """The reference energies a potential's checkpoint carries (None for other models)."""
+    data = getattr(model, "metadata", {}).get("reference_energies")
+    return None if data is None else References.from_dict(data)
+
+
+def reference_per_atom(model: Crystalformer, structures: Sequence[Atoms]) -> np.ndarray | None:
+    """Σ n μ / N (eV/atom) per structure for a potential (NaN for an element without a
+    reference), to add to its network's energy per atom; None for other models."""
+    refs = references_of(model)
+    if refs is None:
+        return None
+    out = np.full(len(structures), np.nan)
+    for k, atoms in enumerate(structures):
+        try:
+            out[k] = refs.energy(atoms.numbers) / len(atoms)
+        except DataError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------- examples
+def make_examples(frames: Sequence[Frame], refs: References, cutoff: float) -> tuple[list[Example], list[str]]:
+    """Training examples (label: residual energy per atom) and the source of each."""
+    examples, sources = [], []
+    for f in frames:
+        try:
+            window = build_window(f.atoms, cutoff, label=f.id)
+        except StructureError as err:
+            log.warning("skipped %s: %s", f.id, err)
+            continue
+        residual = (f.energy - refs.energy(f.atoms.numbers, f.source)) / len(f.atoms)
+        examples.append(Example(f.id, window, np.array([residual]), f.forces, f.stress))
+        sources.append(f.file)
+    return examples, sources
+
+
+# ------------------------------------------------------------------------------ training
+class PotentialTrainer(Trainer):
+    """``Trainer`` with what a potential needs: validation on energy, forces and stress
+    (the training loss's terms, also per source file), and sub-epochs of ``steps_per_epoch``
+    batches drawn with the relaxed structures down-weighted to ``relaxed_share`` of the draws,
+    so that a run on a CPU checkpoints every few minutes."""
+
+    def __init__(self, *args: Any, val_sources: Sequence[str], train_sources: Sequence[str],
+                 steps_per_epoch: int, relaxed_share: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_sources = list(val_sources)
+        relaxed = np.array([s == "mp-megnet" for s in train_sources])
+        n_relaxed, n_other = relaxed.sum(), (~relaxed).sum()
+        weights = np.ones(len(train_sources))
+        if n_relaxed and n_other:
+            weights[relaxed] = relaxed_share / (1 - relaxed_share) * n_other / n_relaxed
+        self.weights = torch.as_tensor(weights)
+        self.steps_per_epoch = steps_per_epoch
+
+    def _batches(self) -> list[list[int]]:
+        size = self.config.batch_size
+        n = min(self.steps_per_epoch * size, len(self.train_set))
+        order = torch.multinomial(self.weights, n, replacement=False, generator=self.generator).tolist()
+        return [order[k : k + size] for k in range(0, n - size + 1, size)] or [order]
+
+    def validate(self, model: Crystalformer | None = None) -> dict[str, float]:
+        model = model or self.model
+        if not self.val_set:
+            return {}
+        model.eval()
+        c = self.config
+        rows = []  # per structure: source, n atoms, |ΔE|/atom, Σ|ΔF|, n F comps, mean |Δσ|
+        for k in range(0, len(self.val_set), c.eval_batch_size):
+            chunk = self.val_set[k : k + c.eval_batch_size]
+            batch, y = _to_batch(chunk, model.dtype, self.device)
+            out = energy_forces_stress(model, batch, forces=True, stress=True)
+            n = batch.n_atoms.cpu().numpy()
+            e = (out["energy"].detach().cpu().numpy() / n) - y[:, 0].cpu().numpy()
+            forces = np.split(out["forces"].detach().cpu().numpy(), np.cumsum(n)[:-1])
+            stress = out["stress"].detach().cpu().numpy()
+            for b, ex in enumerate(chunk):
+                rows.append((self.val_sources[k + b], abs(e[b]), np.abs(forces[b] - ex.forces).mean(),
+                             np.abs(stress[b] - ex.stress).mean()))
+        std = float(model.target_std[0])
+        result = _summaries(rows)
+        result["val_loss"] = (result["val_mae_energy"] / std + c.force_weight * result["val_mae_forces"]
+                              + c.stress_weight * result["val_mae_stress"])
+        return result
+
+
+def _summaries(rows: Sequence[tuple[str, float, float, float]]) -> dict[str, float]:
+    """Mean energy (eV/atom), force (eV/Å, per structure) and stress (eV/Å³) errors, overall
+    and per source."""
+    result: dict[str, float] = {}
+    groups: dict[str, list] = {"": list(rows)}
+    for row in rows:
+        groups.setdefault(row[0], []).append(row)
+    for name, group in groups.items():
+        values = np.array([r[1:] for r in group])
+        suffix = f"/{name}" if name else ""
+        for col, what in enumerate(("energy", "forces", "stress")):
+            result[f"val_mae_{what}{suffix}"] = float(values[:, col].mean())
+    return result
+
+
+def default_model_config(**changes: Any) -> ModelConfig:
+    """The potential's architecture: smooth (SiLU), 3 blocks of width 64, the 10 Å window."""
+    base = ModelConfig(n_blocks=3, d_model=64, n_heads=4, d_ff=256, d_head_mlp=64,
+                       activation="silu", targets=(ENERGY_TARGET,))
+    return replace(base, **changes)
+
+
+def train_potential(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    config: TrainConfig,
+    model_config: ModelConfig | None = None,
+    steps_per_epoch: int = 150,
+    relaxed_share: float = 0.5,
+    max_val_relaxed: int = 200,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+    command: str = "",
+    progress: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    frames: tuple[list[Frame], dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Train a potential on ``read_all(data_dir)`` (or ``frames``: frames and fixed splits).
+
+    Writes the run directory of ``training.Trainer`` (locked; a used one needs ``resume`` or
+    ``overwrite``) plus ``splits.json`` (frame ids per split) and ``references.json``.
+    Validation holds the val frames and up to ``max_val_relaxed`` relaxed structures of the
+    fixed val split (chosen by hash).
+    """
+    with run_directory(out_dir, resume=resume, overwrite=overwrite) as run:
+        out = run.path
+        torch.manual_seed(config.seed)
+        start = time.perf_counter()
+        all_frames, fixed = frames if frames is not None else read_all(data_dir)
+        splits = split_frames(all_frames, fixed)
+        relaxed_val = sorted((i for i in splits["val"] if all_frames[i].file == "mp-megnet"),
+                             key=lambda i: _unit_interval(all_frames[i].id))
+        keep = set(relaxed_val[:max_val_relaxed])
+        splits["val"] = [i for i in splits["val"] if all_frames[i].file != "mp-megnet" or i in keep]
+        train_frames = [all_frames[i] for i in splits["train"]]
+        val_frames = [all_frames[i] for i in splits["val"]]
+        refs = fit_references(train_frames)
+        model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
+        model = Crystalformer(model_config)
+        train_ex, train_src = make_examples(train_frames, refs, model_config.cutoff)
+        val_ex, val_src = make_examples(val_frames, refs, model_config.cutoff)
+        if not train_ex:
+            raise DataError("no usable training frame")
+        y = np.array([e.y[0] for e in train_ex])
+        model.target_mean.fill_(float(y.mean()))
+        model.target_std.fill_(float(y.std()) or 1.0)
+        split_ids = {k: [all_frames[i].id for i in v] for k, v in splits.items()}
+        write_json(split_ids, out / "splits.json")
+        write_json(refs.to_dict(), out / "references.json")
+        files: dict[str, dict[str, int]] = {}
+        for name, rows in splits.items():
+            for i in rows:
+                files.setdefault(all_frames[i].file, {}).setdefault(name, 0)
+                files[all_frames[i].file][name] += 1
+        metadata = {
+            "kind": "potential",
+            "data": {"dir": str(data_dir), "frames_per_file_and_split": files,
+                     "split": "by material/trajectory id: MEGNet leaderboard split where it lists the id, "
+                              "else sha256(id) into 80/10/10; relaxed MP structures: MEGNet train only"},
+            "reference_energies": refs.to_dict(),
+            "split_sizes": {k: len(v) for k, v in splits.items()},
+            "train_ids_sha256": ids_digest(split_ids["train"]),
+            "val_ids_sha256": ids_digest(split_ids["val"]),
+            "test_ids_sha256": ids_digest(split_ids["test"]),
+            "n_train": len(train_ex),
+            "domain": training_domain(e.window.numbers for e in train_ex),
+            "train_config": config.to_dict(),
+            "sampling": {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share},
+            "command": command,
+            "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
+        }
+        log.info("potential data: %d train, %d val examples (%.0f s)", len(train_ex), len(val_ex),
+                 time.perf_counter() - start)
+        trainer = PotentialTrainer(
+            model, train_ex, val_ex, config, out, device=resolve_device(device), metadata=metadata,
+            progress=progress, on_epoch=on_epoch, val_sources=val_src, train_sources=train_src,
+            steps_per_epoch=steps_per_epoch, relaxed_share=relaxed_share,
+        )
+        if run.state is not None:
+            trainer.resume(run.state)
+        trainer.fit()
+        report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1), "n_train": len(train_ex)}
+        write_json(report, out / "report.json")
+        return report
+
+
+def test_frames(data_dir: str | Path, run_or_model: Any) -> list[Frame]:
+    """The test frames of a potential's split, read again from ``data_dir``.
+
+    ``run_or_model``: a run directory with ``splits.json``, or such a file."""
+    path = Path(run_or_model)
+    path = path / "splits.json" if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no splits.json of a potential's training run")
+    wanted = set(json.loads(path.read_text())["test"])
+    frames, _ = read_all(data_dir)
+    return [f for f in frames if f.id in wanted]

@@ -1,0 +1,147 @@
+"""The potential's data assembly, split, reference energies and training run, on tiny frames.
+
+Frames are built here (EMT energies, forces and stresses of small rattled cells written as
+extxyz with the shared data's info keys), so nothing is read from the shared data folder.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from ase_crystalformer.checkpoint import load_model
+from ase_crystalformer.config import TrainConfig
+from ase_crystalformer.errors import DataError
+from ase_crystalformer.potential import (
+    DEFAULT_SOURCE,
+    FORMATION_SOURCE,
+    Frame,
+    References,
+    default_model_config,
+    fit_references,
+    read_frames,
+    references_of,
+    split_frames,
+    train_potential,
+)
+
+TINY = default_model_config(n_blocks=1, d_model=16, n_heads=2, d_ff=32, d_head_mlp=16, n_rbf=8, cutoff=7.0)
+
+
+def _frames_file(path, source="MPtrj", key="mptrj_traj_id", n_traj=6, per_traj=2, seed=0):
+    """EMT-labelled rattled Cu/Al/Ni cells, ``per_traj`` frames per trajectory id."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for t in range(n_traj):
+        for k in range(per_traj):
+            symbol = ("Cu", "Al", "Ni")[t % 3]
+            atoms = bulk(symbol, "fcc", a=3.6 + 0.05 * k, cubic=True)
+            atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+            atoms.calc = EMT()
+            results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+                       "stress": atoms.get_stress()}
+            atoms.calc = SinglePointCalculator(atoms, **results)
+            atoms.info.update({"source": source, key: f"mp-{t}"})
+            images.append(atoms)
+    write(path, images, format="extxyz")
+    return path
+
+
+def _frame(symbols, energy, source, group="g"):
+    from ase import Atoms
+
+    atoms = Atoms(symbols)
+    return Frame(group, group, source, "f", atoms, energy, np.zeros((len(atoms), 3)), np.zeros((3, 3)))
+
+
+def test_frames_keep_source_group_and_labels(tmp_path):
+    frames = read_frames(_frames_file(tmp_path / "mptrj.xyz"))
+    assert len(frames) == 12
+    assert {f.source for f in frames} == {DEFAULT_SOURCE}
+    assert [f.group for f in frames[:4]] == ["mp-0", "mp-0", "mp-1", "mp-1"]
+    assert frames[0].id == "mptrj#0" and frames[0].stress.shape == (3, 3)
+    atoms = frames[0].atoms.copy()
+    atoms.calc = EMT()
+    assert frames[0].energy == pytest.approx(atoms.get_potential_energy())
+    np.testing.assert_allclose(frames[0].forces, atoms.get_forces(), atol=1e-6)
+    np.testing.assert_allclose(frames[0].stress, atoms.get_stress(voigt=False), atol=1e-6)
+
+
+def test_unknown_source_is_refused(tmp_path):
+    path = _frames_file(tmp_path / "x.xyz", source="VASP-somewhere")
+    with pytest.raises(DataError, match=r"info\['source'\] is 'VASP-somewhere'"):
+        read_frames(path)
+
+
+def test_split_is_by_group_deterministic_and_honours_fixed_ids():
+    frames = [_frame("Cu", -1.0, "mptrj", group=f"mp-{k // 3}") for k in range(300)]
+    splits = split_frames(frames, {"mp-0": "test", "mp-1": "val"})
+    assert splits == split_frames(frames, {"mp-0": "test", "mp-1": "val"})
+    where = {frames[i].group: name for name, rows in splits.items() for i in rows}
+    for name, rows in splits.items():  # a group never straddles two splits
+        assert all(where[frames[i].group] == name for i in rows)
+    assert where["mp-0"] == "test" and where["mp-1"] == "val"
+    assert 0.6 < len(splits["train"]) / 300 < 0.95
+
+
+def test_references_recover_per_source_element_energies():
+    mu = {"mptrj": {29: -4.0, 13: -3.0}, "alexandria": {29: -4.5, 13: -3.2}, FORMATION_SOURCE: {29: 0.1, 13: 0.2}}
+    frames = []
+    for source, m in mu.items():
+        for n_cu, n_al in [(1, 0), (0, 2), (1, 1), (2, 1), (1, 3)]:
+            frames.append(_frame("Cu" * n_cu + "Al" * n_al, n_cu * m[29] + n_al * m[13], source))
+    refs = fit_references(frames)
+    for source, m in mu.items():
+        for z, value in m.items():
+            assert refs.sources[source][z] == pytest.approx(value, abs=2e-3)
+    assert refs.energy(np.array([29, 29, 13])) == pytest.approx(2 * -4.0 - 3.0, abs=5e-3)
+
+
+def test_default_source_falls_back_to_the_pooled_fit():
+    frames = [_frame("Cu", -4.0, "mptrj"), _frame("Cu2", -8.0, "mptrj"), _frame("Ar", -0.1, "alexandria"),
+              _frame("CuAr", -4.6, "alexandria")]
+    refs = fit_references(frames)
+    assert 18 not in refs.sources["mptrj"]
+    assert refs.mu()[18] == refs.pooled[18]
+    assert refs.energy(np.array([18])) == pytest.approx(refs.pooled[18])
+    with pytest.raises(DataError, match=r"no reference energy for \['Ar'\] in source 'mptrj'"):
+        refs.energy(np.array([18]), "mptrj")
+    assert References.from_dict(json.loads(json.dumps(refs.to_dict()))).mu() == pytest.approx(refs.mu(), abs=1e-6)
+
+
+def test_training_run_records_split_and_references_and_resumes(tmp_path):
+    frames = read_frames(_frames_file(tmp_path / "mptrj.xyz", n_traj=12, per_traj=2))
+    frames += read_frames(_frames_file(tmp_path / "alex.xyz", source="Alexandria", key="alexandria_id", n_traj=6,
+                                       per_traj=1, seed=1))
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-3, swa_epochs=0, force_weight=1.0, stress_weight=1.0)
+    out = tmp_path / "run"
+    train_potential(tmp_path, out, config=config, model_config=TINY, steps_per_epoch=2, frames=(frames, {}))
+    splits = json.loads((out / "splits.json").read_text())
+    assert sorted(sum(splits.values(), [])) == sorted(f.id for f in frames)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [2, 4]
+    assert {"val_mae_energy", "val_mae_forces", "val_mae_stress", "val_mae_forces/mptrj.xyz"} <= set(log[0])
+    model = load_model(out / "best.safetensors")
+    refs = references_of(model)
+    assert refs is not None and refs.default == DEFAULT_SOURCE
+    assert refs.to_dict() == json.loads((out / "references.json").read_text())
+    assert model.metadata["kind"] == "potential"
+    config = TrainConfig(**{**config.to_dict(), "epochs": 3, "betas": tuple(config.betas)})
+    train_potential(tmp_path, out, config=config, model_config=TINY, steps_per_epoch=2, frames=(frames, {}),
+                    resume=True)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [2, 4, 6]
+
+
+def test_cli_refuses_a_data_dir_without_frames(tmp_path):
+    from click.testing import CliRunner
+
+    from ase_crystalformer.cli import main
+
+    result = CliRunner().invoke(main, ["train-potential", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert f"{tmp_path}: no forces/*.xyz files" in result.output
