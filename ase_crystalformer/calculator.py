@@ -352,6 +352,12 @@ class CrystalformerCalculator(Calculator):
             else "no shipped model has one; train or load one whose config has "
             "TargetSpec(..., kind='energy')"
         )
+        if DEFAULT_POTENTIAL not in inference.list_models():
+            hint += (
+                f"; the potential {DEFAULT_POTENTIAL!r} that CrystalformerCalculator() uses by "
+                "default is not shipped in this version (still in training): pass a potential "
+                "checkpoint, or name a regressor to get its (unphysical) gradients"
+            )
         return (
             f"{list(wanted)} need a model with an energy-type target (TargetSpec kind='energy', "
             f"a total energy in eV/atom); the loaded models predict only intensive targets: "

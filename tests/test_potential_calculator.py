@@ -166,3 +166,13 @@ def test_cli_predict_reports_the_potentials_energy_per_atom(tmp_path):
     value = float(result.output.strip().splitlines()[-1].split(",")[-1])
     expected = CrystalformerCalculator(tmp_path / "pes").get_potential_energy(atoms) / 2
     assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_without_a_shipped_potential_energy_says_so(monkeypatch):
+    """Until the potential ships, CrystalformerCalculator() names it as missing for energy."""
+    monkeypatch.setattr(inference, "list_models", lambda: [])
+    model = Crystalformer(ModelConfig(n_blocks=1, d_model=16, n_heads=2, d_ff=16, d_head_mlp=8)).eval()
+    atoms = bulk("NaCl", "rocksalt", a=5.64)
+    atoms.calc = CrystalformerCalculator(model)
+    with pytest.raises(PropertyNotImplementedError, match="'dft-pes' that CrystalformerCalculator.. uses by default is not shipped"):
+        atoms.get_potential_energy()
