@@ -72,6 +72,25 @@ def _complete_basis(cell: np.ndarray, pbc: np.ndarray, length: float = 1.0) -> n
     return cell
 
 
+#: Integer combinations whose lengths a 3-D Minkowski-reduced basis b1, b2, b3 bounds from
+#: below (|b2|, |b3|, |b1 ± b2|, ...), in the order of ``ase.geometry.is_minkowski_reduced``.
+_MINKOWSKI_COMBINATIONS = np.array([
+    [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, -1, 0],
+    [1, 0, -1], [0, 1, -1], [1, 1, 1], [1, -1, 1], [1, 1, -1], [1, -1, -1],
+])
+_MINKOWSKI_BOUNDS = [0, 1, 1, 2, 2, 1, 2, 2, 2, 2, 2, 2]
+_MINKOWSKI_TOL = 1e-12  # ase's
+
+
+def _is_reduced(cell: np.ndarray) -> bool:
+    """``ase.geometry.is_minkowski_reduced`` of a 3-D periodic cell, the same arithmetic
+    without its per-call overhead (a third of window building for small cells): where this
+    says True, ``minkowski_reduce`` would return the cell unchanged."""
+    lhs = np.linalg.norm(_MINKOWSKI_COMBINATIONS @ cell, axis=1)
+    rhs = np.linalg.norm(cell, axis=1)[_MINKOWSKI_BOUNDS]
+    return bool((lhs >= rhs - _MINKOWSKI_TOL).all())
+
+
 def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
     """Positions wrapped into a Minkowski-reduced cell of the same lattice, in float64.
 
@@ -84,10 +103,12 @@ def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
     pbc). Already wrapped positions and reduced cells come back bit-identical.
     """
     pbc = np.asarray(atoms.pbc, dtype=bool)
-    try:
-        cell = np.array(minkowski_reduce(np.array(atoms.cell, dtype=float), pbc)[0], dtype=float)
-    except (RuntimeError, np.linalg.LinAlgError) as err:
-        raise StructureError(f"{label}: the cell cannot be reduced ({err})") from err
+    cell = np.array(atoms.cell, dtype=float)
+    if not (pbc.all() and _is_reduced(cell)):
+        try:
+            cell = np.array(minkowski_reduce(cell, pbc)[0], dtype=float)
+        except (RuntimeError, np.linalg.LinAlgError) as err:
+            raise StructureError(f"{label}: the cell cannot be reduced ({err})") from err
     positions = np.array(atoms.positions, dtype=float)
     box = _complete_basis(cell, pbc)
     whole = np.floor(np.linalg.solve(box.T, positions.T).T)  # (n, 3) lattice vectors to remove
@@ -137,13 +158,17 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
     center = np.concatenate([atoms_idx, i]).astype(np.int64)
     neighbor = np.concatenate([atoms_idx, j]).astype(np.int64)
     shift = np.concatenate([np.zeros((n, 3), dtype=np.int64), shift.astype(np.int64)])
-    order = np.lexsort((neighbor, center))
-    center, neighbor, shift = center[order], neighbor[order], shift[order]
+    # One stable sort by (center, neighbor) (the order np.lexsort gives); the pairs are
+    # then the runs of equal keys, numbered without a second sort.
+    pair_key = center * n + neighbor
+    order = np.argsort(pair_key, kind="stable")
+    pair_key, center, neighbor, shift = pair_key[order], center[order], neighbor[order], shift[order]
     counts = np.bincount(center, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.arange(len(center)) - starts[center]
-    pair_key = center * n + neighbor
-    keys, pair = np.unique(pair_key, return_inverse=True)
+    new_pair = np.concatenate([[True], pair_key[1:] != pair_key[:-1]])
+    pair = np.cumsum(new_pair) - 1
+    keys = pair_key[new_pair]
     return Window(
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
         positions=positions,
