@@ -205,6 +205,28 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         Unlike matminer (which catches ``BaseException``), only ``Exception`` is treated as
         a failed entry, so Ctrl-C still stops a long run.
         """
+        out, seen = self.featurize_part(rows, 0, ignore_errors, return_errors, pbar, hint)
+        self.warn_outside(seen, len(rows))
+        return out
+
+    def warn_outside(self, seen: Sequence[tuple[int, np.ndarray]], n_rows: int) -> None:
+        """``domain.warn_outside`` for the (index, atomic numbers) of the featurized rows."""
+        model = self._get_model()
+        warn_outside(model.metadata.get("name", "model"), model.metadata.get("domain"), seen, n_rows)
+
+    def featurize_part(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        first: int,
+        ignore_errors: bool,
+        return_errors: bool,
+        pbar: bool | dict[str, Any] = False,
+        hint: bool = True,
+    ) -> tuple[list[list[Any]], list[tuple[int, np.ndarray]]]:
+        """``_featurize_rows`` of rows ``first``, ``first + 1``, ... of a longer input (errors
+        name those numbers), without the domain warning: the features and the (index, atomic
+        numbers) that ``warn_outside`` needs, so that parts featurized in worker processes
+        warn once, as the whole input would."""
         model = self._get_model()
         n_labels = len(self.feature_labels())
         out: list[list[Any]] = [[] for _ in rows]
@@ -240,12 +262,12 @@ class CrystalformerFeaturizer(BaseFeaturizer):
                 indices, windows = [], []
                 for index in chunk:
                     try:
-                        windows.append(self._window(rows[index], model, index))
+                        windows.append(self._window(rows[index], model, first + index))
                     except Exception as err:  # noqa: BLE001 - recorded per entry, as matminer
                         fail(index, err)
                     else:
                         indices.append(index)
-                        seen.append((index, windows[-1].numbers))
+                        seen.append((first + index, windows[-1].numbers))
                 if windows:
                     run(indices, windows)
                 if progress is not None:
@@ -253,8 +275,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         finally:
             if progress is not None:
                 progress.close()
-        warn_outside(model.metadata.get("name", "model"), model.metadata.get("domain"), seen, len(rows))
-        return out
+        return out, seen
 
     def _window(self, row: tuple[Any, ...], model: Crystalformer, index: int) -> Any:
         if len(row) != 1:
