@@ -14,6 +14,7 @@ atom (padded), P distinct (i, j) atom pairs that have at least one image in the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -91,6 +92,16 @@ def _is_reduced(cell: np.ndarray) -> bool:
     return bool((lhs >= rhs - _MINKOWSKI_TOL).all())
 
 
+@functools.lru_cache(maxsize=256)
+def _minkowski_reduced(cell: bytes, pbc: tuple[bool, ...]) -> np.ndarray:
+    """``minkowski_reduce`` of a float64 cell given as bytes, remembered: a calculator
+    driving MD, a relaxation at fixed cell or phonon displacements asks for one cell again
+    and again, and the reduction is a Python loop of ~1 ms."""
+    reduced = np.array(minkowski_reduce(np.frombuffer(cell).reshape(3, 3), np.array(pbc))[0], dtype=float)
+    reduced.flags.writeable = False
+    return reduced
+
+
 def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
     """Positions wrapped into a Minkowski-reduced cell of the same lattice, in float64.
 
@@ -106,7 +117,7 @@ def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
     cell = np.array(atoms.cell, dtype=float)
     if not (pbc.all() and _is_reduced(cell)):
         try:
-            cell = np.array(minkowski_reduce(cell, pbc)[0], dtype=float)
+            cell = _minkowski_reduced(cell.tobytes(), tuple(pbc.tolist())).copy()
         except (RuntimeError, np.linalg.LinAlgError) as err:
             raise StructureError(f"{label}: the cell cannot be reduced ({err})") from err
     positions = np.array(atoms.positions, dtype=float)
@@ -158,10 +169,15 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
     center = np.concatenate([atoms_idx, i]).astype(np.int64)
     neighbor = np.concatenate([atoms_idx, j]).astype(np.int64)
     shift = np.concatenate([np.zeros((n, 3), dtype=np.int64), shift.astype(np.int64)])
-    # One stable sort by (center, neighbor) (the order np.lexsort gives); the pairs are
-    # then the runs of equal keys, numbered without a second sort.
+    # Entries in (center, neighbor) order, self image first in its pair (the stable sort
+    # of these keys). vesin usually lists its entries in that order already; then the self
+    # images are only inserted. The pairs are the runs of equal keys, numbered without a sort.
     pair_key = center * n + neighbor
-    order = np.argsort(pair_key, kind="stable")
+    found = pair_key[n:]
+    if (found[1:] >= found[:-1]).all():
+        order = np.insert(np.arange(n, len(pair_key)), np.searchsorted(found, pair_key[:n]), atoms_idx)
+    else:
+        order = np.argsort(pair_key, kind="stable")
     pair_key, center, neighbor, shift = pair_key[order], center[order], neighbor[order], shift[order]
     counts = np.bincount(center, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -31,3 +31,32 @@ def test_window_order_and_pairs() -> None:
     assert np.array_equal(w.pair_i, keys // len(atoms)) and np.array_equal(w.pair_j, keys % len(atoms))
     starts = np.searchsorted(w.center, np.arange(len(atoms)))
     assert np.array_equal(w.slot, np.arange(w.n_images) - starts[w.center])
+
+
+def test_neighbour_lists_in_any_order_give_the_same_window(monkeypatch) -> None:
+    """vesin's entries usually come sorted by (i, j) and are then only merged with the self
+    images; in another order they are sorted. Both give the same window up to the order of
+    images within a pair."""
+    import vesin
+
+    atoms = bulk("NaCl", "rocksalt", a=5.6).repeat((1, 1, 2))
+    atoms.rattle(0.05, seed=1)
+    usual = build_window(atoms, 6.0)
+    compute = vesin.NeighborList.compute
+
+    def reversed_compute(self, *args, **kwargs):
+        return [x[::-1].copy() for x in compute(self, *args, **kwargs)]
+
+    monkeypatch.setattr(vesin.NeighborList, "compute", reversed_compute)
+    other = build_window(atoms, 6.0)
+
+    def images(w):
+        rows = np.column_stack([w.center, w.neighbor, w.shift])
+        return rows[np.lexsort(rows.T[::-1])]
+
+    assert np.array_equal(images(usual), images(other))
+    for name in ("center", "neighbor", "pair", "pair_i", "pair_j", "slot"):
+        assert np.array_equal(getattr(usual, name), getattr(other, name)), name
+    firsts = np.r_[0, np.flatnonzero(np.diff(other.pair)) + 1]  # the first image of each pair
+    self_pairs = other.pair_i == other.pair_j
+    assert (other.shift[firsts][self_pairs] == 0).all()  # the self image leads its pair
