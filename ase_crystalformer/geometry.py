@@ -233,6 +233,9 @@ class Batch:
         return Batch(**moved)
 
 
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def collate(windows: Sequence[Window], dtype: torch.dtype = torch.float32) -> Batch:
     """Concatenate windows into one padded ``Batch`` (vectorised; no per-image Python)."""
     n_atoms = np.array([w.n_atoms for w in windows])
@@ -254,12 +257,14 @@ def collate(windows: Sequence[Window], dtype: torch.dtype = torch.float32) -> Ba
 
     pad_neighbor = np.repeat(np.arange(n_total)[:, None], width, axis=1)
     pad_pair = np.repeat(first_pair[:, None], width, axis=1)
-    pad_shift = np.zeros((n_total, width, 3))
+    # Shifts are small integers, exact in any float type: made in the batch's type at once.
+    pad_shift = np.zeros((n_total, width, 3), dtype=_NUMPY_FLOAT.get(dtype, np.float64))
     mask = np.zeros((n_total, width), dtype=bool)
-    pad_neighbor[center, slot] = neighbor
-    pad_pair[center, slot] = pair
-    pad_shift[center, slot] = shift
-    mask[center, slot] = True
+    flat = center * width + slot  # one flat index for the four scatters
+    pad_neighbor.reshape(-1)[flat] = neighbor
+    pad_pair.reshape(-1)[flat] = pair
+    pad_shift.reshape(-1, 3)[flat] = shift
+    mask.reshape(-1)[flat] = True
 
     return Batch(
         numbers=torch.from_numpy(np.concatenate([w.numbers for w in windows])),
