@@ -72,3 +72,20 @@ def test_ordered_map_keeps_order_and_raises_where_one_process_would():
         next(results)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         list(ordered_map(_add, [1], 0, _setup))
+
+
+def test_predict_primitive_predicts_the_primitive_cell(inputs, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from ase_crystalformer.checkpoint import load_model
+
+    si = bulk("Si")
+    write(tmp_path / "si222.cif", si.repeat((2, 2, 2)))
+    out = tmp_path / "p.csv"
+    code, _, stderr = _run(["predict", str(tmp_path / "si222.cif"), "--model", str(inputs / "gap.safetensors"),
+                            "--primitive", "--out", str(out)])
+    assert code == 0, stderr
+    expected = load_model(inputs / "gap.safetensors").predict([si])
+    np.testing.assert_allclose(pd.read_csv(out)["band_gap (eV)"], expected, rtol=1e-5)
+    assert pd.read_csv(out)["formula"][0] == "Si16"  # the input's formula, not the primitive cell's
