@@ -118,15 +118,15 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
         jobs = [(todo[k : k + batch_size], primitive, ignore_errors, batch_size) for k in range(0, len(todo), batch_size)]
         setup = (tuple(model_names), device)
         with _progress(len(todo), progress) as bar:
-            for job, (good, failed, chunk_values, chunk_outside, chunk_other) in zip(
-                jobs, ordered_map(_predict_chunk, jobs, workers, _predict_setup, setup)
+            for good, failed, chunk_values, chunk_outside, chunk_other in ordered_map(
+                _predict_chunk, jobs, workers, _predict_setup, setup
             ):
                 errors.update(failed)
                 for m in range(len(models)):
                     values[m][good] = chunk_values[m]
                     outside[m].update(chunk_outside[m])
                 other += chunk_other
-                bar.update(len(job[0]))
+                bar.update(len(good) + len(failed))
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
     good = [i for i in range(len(entries)) if i not in errors]
