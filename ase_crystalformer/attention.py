@@ -401,7 +401,7 @@ def window_attention(
     if triton_attention.available(q, k, v, gamma, geom.d2):
         try:
             return triton_attention.window_attention(q, k, v, gamma, geom, reference=torch_window_attention)
-        except Exception as error:  # noqa: BLE001 - any compile or launch failure
+        except Exception as error:
             triton_attention.give_up(error)
     return torch_window_attention(q, k, v, gamma, geom)
 

@@ -130,7 +130,7 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         if size <= MAX_HEADER_BYTES:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
-                return header, {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+                return header, {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from err
     raise CheckpointError(

@@ -34,6 +34,12 @@ def device_option(func):
                         help="torch device: cpu, cuda, cuda:1, ... or auto (CUDA when present).")(func)
 
 
+def workers_option(func):
+    """``--workers``, shared by predict and featurize (``workers.ordered_map``)."""
+    return click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+                        help="Worker processes on this machine, each with its share of the torch threads; output stays in input order.")(func)
+
+
 def _read_structures(paths: tuple[str, ...], column: str, ignore_errors: bool) -> list:
     """Every structure of every input (``inputs.read_inputs``); the first unreadable one
     stops the command unless ``ignore_errors``."""
@@ -75,8 +81,10 @@ def _progress(total: int, wanted: bool | None):
 @click.option("--extrapolate", is_flag=True, help="Also print predictions for structures outside a model's training domain (left empty by default).")
 @click.option("--ignore-errors", is_flag=True, help="Report structures that cannot be read or taken (stderr and an error column) and predict the rest.")
 @click.option("--progress/--no-progress", default=None, help=f"Progress bar on stderr  [default: on a terminal, from {PROGRESS_MIN} structures].")
+@workers_option
 def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | None, outfile: Path | None, column: str,
-            batch_size: int, device: str, primitive: bool, extrapolate: bool, ignore_errors: bool, progress: bool | None) -> None:
+            batch_size: int, device: str, primitive: bool, extrapolate: bool, ignore_errors: bool, progress: bool | None,
+            workers: int) -> None:
     """Predict properties of every structure in INPUTS.
 
     INPUTS are structure files (CIF, POSCAR, extxyz, ... : every frame), folders of them,
@@ -90,12 +98,9 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
     import pandas as pd
     import torch
 
-    from .domain import OutOfDomainWarning
     from .errors import CrystalformerError
-    from .forces import energy_target_index
-    from .geometry import build_window
     from .inference import load_models, target_properties
-    from .potential import reference_per_atom
+    from .workers import ordered_map
 
     if fmt is None:
         suffix = outfile.suffix.lower() if outfile is not None else ""
@@ -103,47 +108,33 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
     entries = _read_structures(inputs, column, ignore_errors)
     errors = {i: e.error for i, e in enumerate(entries) if e.error is not None}
     notes: list[str] = []
-    other: list[warnings.WarningMessage] = []  # shown after the output, as the notes are
+    other: list[tuple] = []  # warnings shown after the output, as the notes are
     try:
         models = load_models(list(model_names) or None, torch.device(device), torch.float32)
         properties = target_properties(models)  # the calculator's and featurizer's names
-        cutoff = max(model.config.cutoff for _, model in models)
-        for i, entry in enumerate(entries):  # model.predict could only number a bad one
-            if entry.atoms is None:
-                continue
-            try:
-                build_window(entry.atoms, cutoff, f"{entry.label} ({entry.atoms.get_chemical_formula()})")
-            except CrystalformerError as err:
-                if not ignore_errors:
-                    raise
-                errors[i] = str(err)
-        good = [i for i in range(len(entries)) if i not in errors]
-        frames = [entries[i].atoms for i in good]
-        values = [np.full((len(good), len(model.config.targets)), np.nan) for _, model in models]
+        values = [np.full((len(entries), len(model.config.targets)), np.nan) for _, model in models]
         outside: list[dict[int, str]] = [{} for _ in models]
-        with _progress(len(good), progress) as bar:
-            for start in range(0, len(good), batch_size):
-                chunk = frames[start : start + batch_size]
-                for m, (_, model) in enumerate(models):
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        values[m][start : start + len(chunk)] = model.predict(chunk, batch_size=batch_size, primitive=primitive).reshape(len(chunk), -1)
-                    shift = reference_per_atom(model, chunk)  # a potential's energy is network + references
-                    if shift is not None:
-                        values[m][start : start + len(chunk), energy_target_index(model)] += shift
-                    for w in caught:
-                        if isinstance(w.message, OutOfDomainWarning):
-                            outside[m].update({start + k: reason for k, reason in w.message.problems.items()})
-                        else:
-                            other.append(w)
-                bar.update(len(chunk))
+        todo = [(i, e.label, e.atoms) for i, e in enumerate(entries) if e.atoms is not None]
+        jobs = [(todo[k : k + batch_size], primitive, ignore_errors, batch_size) for k in range(0, len(todo), batch_size)]
+        setup = (tuple(model_names), device)
+        with _progress(len(todo), progress) as bar:
+            for good, failed, chunk_values, chunk_outside, chunk_other in ordered_map(
+                _predict_chunk, jobs, workers, _predict_setup, setup
+            ):
+                errors.update(failed)
+                for m in range(len(models)):
+                    values[m][good] = chunk_values[m]
+                    outside[m].update(chunk_outside[m])
+                other += chunk_other
+                bar.update(len(good) + len(failed))
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
+    good = [i for i in range(len(entries)) if i not in errors]
     for m, (label, _) in enumerate(models):
         if outside[m]:
             left = "printed anyway (--extrapolate)" if extrapolate else "left empty; --extrapolate prints them"
             notes.append(f"note: {label}: {len(outside[m])} of {len(good)} structure(s) lie outside its training domain, {left}:")
-            notes += [f"  {entries[good[k]].label} ({frames[k].get_chemical_formula()}): {reason}" for k, reason in outside[m].items()]
+            notes += [f"  {entries[i].label} ({entries[i].atoms.get_chemical_formula()}): {reason}" for i, reason in outside[m].items()]
             if not extrapolate:
                 values[m][list(outside[m])] = np.nan
     if errors:
@@ -154,20 +145,78 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
         "formula": [e.atoms.get_chemical_formula() if e.atoms is not None else "" for e in entries],
     })
     for prop in properties:
-        column_values = np.full(len(entries), np.nan)
-        column_values[good] = values[prop.model][:, prop.column]
-        table[f"{prop.name} ({prop.unit})" if prop.unit else prop.name] = column_values
+        table[f"{prop.name} ({prop.unit})" if prop.unit else prop.name] = values[prop.model][:, prop.column]
     if ignore_errors:
         table["error"] = [errors.get(i) for i in range(len(entries))]
     _predict_write(table, fmt, outfile)
     for line in notes:  # after the output has ended with a newline and been flushed
         click.echo(line, err=True)
-    for w in other:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for message, category, filename, lineno in other:
+        warnings.showwarning(message, category, filename, lineno)
     if outfile is not None:
         click.echo(f"wrote predictions for {len(good)} of {len(entries)} structure(s) to {outfile}", err=True)
     if not good:
         raise click.ClickException("no structure could be predicted")
+
+
+def _predict_setup(model_names: tuple[str, ...], device: str) -> list:
+    """A worker's models (``workers.ordered_map`` setup)."""
+    import torch
+
+    from .inference import load_models
+
+    return load_models(list(model_names) or None, torch.device(device), torch.float32)
+
+
+def _predict_chunk(models: list, job: tuple) -> tuple:
+    """Predictions of every model for one chunk of (entry index, label, atoms).
+
+    Each structure's window is built once per cutoff and is both the check and the model's
+    input. Returns (indices predicted, {index: error}, per model its (n, T) values and
+    {index: out-of-domain reason}, other warnings as (message, category, file, line)).
+    """
+    from .domain import OutOfDomainWarning
+    from .errors import CrystalformerError
+    from .forces import energy_target_index
+    from .geometry import build_window
+    from .potential import reference_per_atom
+    from .structures import check_atoms, primitive_cell
+
+    chunk, primitive, ignore_errors, batch_size = job
+    cutoffs = sorted({model.config.cutoff for _, model in models})
+    windows: dict[float, list] = {c: [] for c in cutoffs}
+    good, frames, errors = [], [], {}
+    for i, label, atoms in chunk:
+        label = f"{label} ({atoms.get_chemical_formula()})"
+        try:
+            if primitive:
+                check_atoms(atoms, label)  # spglib wants a sane structure
+                atoms = primitive_cell(atoms)
+            built = {c: build_window(atoms, c, label) for c in cutoffs}
+        except CrystalformerError as err:
+            if not ignore_errors:
+                raise
+            errors[i] = str(err)
+            continue
+        good.append(i)
+        frames.append(atoms)
+        for c in cutoffs:
+            windows[c].append(built[c])
+    values, outside, other = [], [], []
+    for _, model in models:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            values.append(model.predict_windows(windows[model.config.cutoff], batch_size))
+        shift = reference_per_atom(model, frames)  # a potential's energy is network + references
+        if shift is not None:
+            values[-1][:, energy_target_index(model)] += shift
+        outside.append({})
+        for w in caught:
+            if isinstance(w.message, OutOfDomainWarning):
+                outside[-1].update({good[k]: reason for k, reason in w.message.problems.items()})
+            else:
+                other.append((str(w.message), w.category, w.filename, w.lineno))
+    return good, errors, values, outside, other
 
 
 def _predict_write(table, fmt: str, outfile: Path | None) -> None:
@@ -478,6 +527,18 @@ def _featurize_read(infile: Path, column: str, ignore_errors: bool):
     return table, entries, True
 
 
+def _same(value):
+    """The featurizer itself as a worker's state (a copy pickled without its model, which
+    the worker loads)."""
+    return value
+
+
+def _featurize_part(featurizer, job: tuple) -> tuple:
+    """Features of rows ``start``, ``start + 1``, ... (``CrystalformerFeaturizer.featurize_part``)."""
+    start, rows, ignore_errors = job
+    return featurizer.featurize_part(rows, start, ignore_errors, return_errors=ignore_errors)
+
+
 @main.command()
 @click.argument("infile", metavar="IN", type=click.Path(exists=True, path_type=Path))
 @click.option("--column", default="structure", show_default=True, help="Column holding CIF/POSCAR text or pymatgen Structure dicts (JSON).")
@@ -488,8 +549,9 @@ def _featurize_read(infile: Path, column: str, ignore_errors: bool):
 @device_option
 @click.option("--ignore-errors", is_flag=True, help="Give failing rows NaN features and an error column instead of stopping.")
 @click.option("--keep-structure", is_flag=True, help="Keep the structure column of a table in the output.")
+@workers_option
 def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, batch_size: int,
-              device: str, ignore_errors: bool, keep_structure: bool) -> None:
+              device: str, ignore_errors: bool, keep_structure: bool, workers: int) -> None:
     """Add Crystalformer features (embedding and/or predictions) to every structure of IN.
 
     IN is a table (.csv, .json, .parquet) with a --column of structures, whose other columns
@@ -501,14 +563,20 @@ def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, 
 
     from .errors import CrystalformerError
     from .featurizer import CrystalformerFeaturizer
+    from .workers import ordered_map
 
     table, entries, from_table = _featurize_read(infile, column, ignore_errors)
     featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size)
     try:
         labels = featurizer.feature_labels()
         # Unreadable rows too (they fail again, as None), so that "structure k" in a message is row k.
-        features = featurizer.featurize_many([e.atoms for e in entries], ignore_errors=ignore_errors,
-                                             return_errors=ignore_errors, pbar=False)
+        rows = [(e.atoms,) for e in entries]
+        jobs = [(start, rows[start : start + batch_size], ignore_errors) for start in range(0, len(rows), batch_size)]
+        features, seen = [], []
+        for part, part_seen in ordered_map(_featurize_part, jobs, workers, _same, (featurizer,)):
+            features += part
+            seen += part_seen
+        featurizer.warn_outside(seen, len(rows))
     except (CrystalformerError, ImportError) as err:
         raise click.ClickException(str(err)) from err
     values = np.full((len(table), len(labels)), np.nan)
@@ -609,7 +677,8 @@ def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, 
 
     from .config import TrainConfig
     from .errors import CrystalformerError
-    from .potential import default_model_config, train_potential as run
+    from .potential import default_model_config
+    from .potential import train_potential as run
 
     if threads:
         torch.set_num_threads(threads)

@@ -295,6 +295,28 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         a failed entry, so Ctrl-C still stops a long run. Structures kept by ``fit`` are
         not recomputed (nor checked against the model's domain again: ``fit`` did that).
         """
+        out, seen = self.featurize_part(rows, 0, ignore_errors, return_errors, pbar, hint)
+        self.warn_outside(seen, len(rows))
+        return out
+
+    def warn_outside(self, seen: Sequence[tuple[int, np.ndarray]], n_rows: int) -> None:
+        """``domain.warn_outside`` for the (index, atomic numbers) of the featurized rows."""
+        model = self._get_model()
+        warn_outside(model.metadata.get("name", "model"), model.metadata.get("domain"), seen, n_rows)
+
+    def featurize_part(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        first: int,
+        ignore_errors: bool,
+        return_errors: bool,
+        pbar: bool | dict[str, Any] = False,
+        hint: bool = True,
+    ) -> tuple[list[list[Any]], list[tuple[int, np.ndarray]]]:
+        """``_featurize_rows`` of rows ``first``, ``first + 1``, ... of a longer input (errors
+        name those numbers), without the domain warning: the features and the (index, atomic
+        numbers) that ``warn_outside`` needs, so that parts featurized in worker processes
+        warn once, as the whole input would."""
         model = self._get_model()
         n_labels = len(self.feature_labels())
         out: list[list[Any]] = [[] for _ in rows]
@@ -312,7 +334,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         def run(indices: list[int], windows: list[Any]) -> None:
             try:
                 values = self._run(model, windows)
-            except Exception as err:  # noqa: BLE001 - blame the entry, not the whole batch
+            except Exception as err:
                 if len(windows) == 1:
                     fail(indices[0], err)
                     return
@@ -334,12 +356,12 @@ class CrystalformerFeaturizer(BaseFeaturizer):
                         out[index] = kept + [float("nan")] if return_errors else kept
                         continue
                     try:
-                        windows.append(self._window(rows[index], model, index))
-                    except Exception as err:  # noqa: BLE001 - recorded per entry, as matminer
+                        windows.append(self._window(rows[index], model, first + index))
+                    except Exception as err:
                         fail(index, err)
                     else:
                         indices.append(index)
-                        seen.append((index, windows[-1].numbers))
+                        seen.append((first + index, windows[-1].numbers))
                 if windows:
                     run(indices, windows)
                 if progress is not None:
@@ -347,8 +369,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         finally:
             if progress is not None:
                 progress.close()
-        warn_outside(model.metadata.get("name", "model"), model.metadata.get("domain"), seen, len(rows))
-        return out
+        return out, seen
 
     def _kept(self, row: tuple[Any, ...]) -> list[float] | None:
         """The features ``fit`` kept for this entry's structure, or None."""
@@ -402,7 +423,7 @@ def _fingerprint(row: tuple[Any, ...]) -> bytes | None:
     try:
         atoms = to_atoms(row[0])
         check_atoms(atoms, "structure")
-    except Exception:  # noqa: BLE001 - the normal path reports it
+    except Exception:
         return None
     digest = hashlib.sha256()
     for part in (atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64),
@@ -421,7 +442,7 @@ def _reraise(err: BaseException) -> None:
     message = str(err) + _SKIP_HINT
     try:
         new = type(err)(message)
-    except Exception:  # noqa: BLE001 - a constructor with another signature
+    except Exception:
         err.add_note(_SKIP_HINT.strip())
         raise err from None
     raise new.with_traceback(err.__traceback__) from err

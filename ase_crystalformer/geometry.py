@@ -14,6 +14,7 @@ atom (padded), P distinct (i, j) atom pairs that have at least one image in the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -73,6 +74,35 @@ def _complete_basis(cell: np.ndarray, pbc: np.ndarray, length: float = 1.0) -> n
     return cell
 
 
+#: Integer combinations whose lengths a 3-D Minkowski-reduced basis b1, b2, b3 bounds from
+#: below (|b2|, |b3|, |b1 ± b2|, ...), in the order of ``ase.geometry.is_minkowski_reduced``.
+_MINKOWSKI_COMBINATIONS = np.array([
+    [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, -1, 0],
+    [1, 0, -1], [0, 1, -1], [1, 1, 1], [1, -1, 1], [1, 1, -1], [1, -1, -1],
+])
+_MINKOWSKI_BOUNDS = [0, 1, 1, 2, 2, 1, 2, 2, 2, 2, 2, 2]
+_MINKOWSKI_TOL = 1e-12  # ase's
+
+
+def _is_reduced(cell: np.ndarray) -> bool:
+    """``ase.geometry.is_minkowski_reduced`` of a 3-D periodic cell, the same arithmetic
+    without its per-call overhead (a third of window building for small cells): where this
+    says True, ``minkowski_reduce`` would return the cell unchanged."""
+    lhs = np.linalg.norm(_MINKOWSKI_COMBINATIONS @ cell, axis=1)
+    rhs = np.linalg.norm(cell, axis=1)[_MINKOWSKI_BOUNDS]
+    return bool((lhs >= rhs - _MINKOWSKI_TOL).all())
+
+
+@functools.lru_cache(maxsize=256)
+def _minkowski_reduced(cell: bytes, pbc: tuple[bool, ...]) -> np.ndarray:
+    """``minkowski_reduce`` of a float64 cell given as bytes, remembered: a calculator
+    driving MD, a relaxation at fixed cell or phonon displacements asks for one cell again
+    and again, and the reduction is a Python loop of ~1 ms."""
+    reduced = np.array(minkowski_reduce(np.frombuffer(cell).reshape(3, 3), np.array(pbc))[0], dtype=float)
+    reduced.flags.writeable = False
+    return reduced
+
+
 def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
     """Positions wrapped into a Minkowski-reduced cell of the same lattice, in float64.
 
@@ -85,10 +115,12 @@ def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
     pbc). Already wrapped positions and reduced cells come back bit-identical.
     """
     pbc = np.asarray(atoms.pbc, dtype=bool)
-    try:
-        cell = np.array(minkowski_reduce(np.array(atoms.cell, dtype=float), pbc)[0], dtype=float)
-    except (RuntimeError, np.linalg.LinAlgError) as err:
-        raise StructureError(f"{label}: the cell cannot be reduced ({err})") from err
+    cell = np.array(atoms.cell, dtype=float)
+    if not (pbc.all() and _is_reduced(cell)):
+        try:
+            cell = _minkowski_reduced(cell.tobytes(), tuple(pbc.tolist())).copy()
+        except (RuntimeError, np.linalg.LinAlgError) as err:
+            raise StructureError(f"{label}: the cell cannot be reduced ({err})") from err
     positions = np.array(atoms.positions, dtype=float)
     box = _complete_basis(cell, pbc)
     whole = np.floor(np.linalg.solve(box.T, positions.T).T)  # (n, 3) lattice vectors to remove
@@ -138,13 +170,22 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
     center = np.concatenate([atoms_idx, i]).astype(np.int64)
     neighbor = np.concatenate([atoms_idx, j]).astype(np.int64)
     shift = np.concatenate([np.zeros((n, 3), dtype=np.int64), shift.astype(np.int64)])
-    order = np.lexsort((neighbor, center))
-    center, neighbor, shift = center[order], neighbor[order], shift[order]
+    # Entries in (center, neighbor) order, self image first in its pair (the stable sort
+    # of these keys). vesin usually lists its entries in that order already; then the self
+    # images are only inserted. The pairs are the runs of equal keys, numbered without a sort.
+    pair_key = center * n + neighbor
+    found = pair_key[n:]
+    if (found[1:] >= found[:-1]).all():
+        order = np.insert(np.arange(n, len(pair_key)), np.searchsorted(found, pair_key[:n]), atoms_idx)
+    else:
+        order = np.argsort(pair_key, kind="stable")
+    pair_key, center, neighbor, shift = pair_key[order], center[order], neighbor[order], shift[order]
     counts = np.bincount(center, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.arange(len(center)) - starts[center]
-    pair_key = center * n + neighbor
-    keys, pair = np.unique(pair_key, return_inverse=True)
+    new_pair = np.concatenate([[True], pair_key[1:] != pair_key[:-1]])
+    pair = np.cumsum(new_pair) - 1
+    keys = pair_key[new_pair]
     return Window(
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
         positions=positions,
@@ -195,6 +236,9 @@ class Batch:
         return Batch(**moved)
 
 
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def collate(windows: Sequence[Window], dtype: torch.dtype = torch.float32) -> Batch:
     """Concatenate windows into one padded ``Batch`` (vectorised; no per-image Python)."""
     n_atoms = np.array([w.n_atoms for w in windows])
@@ -216,12 +260,14 @@ def collate(windows: Sequence[Window], dtype: torch.dtype = torch.float32) -> Ba
 
     pad_neighbor = np.repeat(np.arange(n_total)[:, None], width, axis=1)
     pad_pair = np.repeat(first_pair[:, None], width, axis=1)
-    pad_shift = np.zeros((n_total, width, 3))
+    # Shifts are small integers, exact in any float type: made in the batch's type at once.
+    pad_shift = np.zeros((n_total, width, 3), dtype=_NUMPY_FLOAT.get(dtype, np.float64))
     mask = np.zeros((n_total, width), dtype=bool)
-    pad_neighbor[center, slot] = neighbor
-    pad_pair[center, slot] = pair
-    pad_shift[center, slot] = shift
-    mask[center, slot] = True
+    flat = center * width + slot  # one flat index for the four scatters
+    pad_neighbor.reshape(-1)[flat] = neighbor
+    pad_pair.reshape(-1)[flat] = pair
+    pad_shift.reshape(-1, 3)[flat] = shift
+    mask.reshape(-1)[flat] = True
 
     return Batch(
         numbers=torch.from_numpy(np.concatenate([w.numbers for w in windows])),

@@ -87,7 +87,7 @@ def read_table(path: Path) -> pd.DataFrame | None:
             return pd.read_parquet(path)
         except ImportError as err:
             raise DataError(f"{path}: reading Parquet needs pyarrow ({err})") from err
-        except Exception as err:  # noqa: BLE001 - pyarrow raises its own types for bad files
+        except Exception as err:
             raise DataError(f"{path}: cannot read Parquet ({type(err).__name__}: {err})") from err
     if not name.endswith((".json", ".json.gz", ".zip")):
         raise DataError(f"{path}: unknown table format; use .csv, .json or .parquet")
@@ -130,7 +130,7 @@ def parse_cell(value: Any) -> Atoms:
         return value
     try:
         return atoms_from_pmg_dict(value) if isinstance(value, dict) else atoms_from_text(value)
-    except Exception as err:  # noqa: BLE001 - parsers raise anything on bad text
+    except Exception as err:
         reason = str(err) if isinstance(err, CrystalformerError) else f"{type(err).__name__}: {err}"
         raise StructureError(f"cannot read the structure ({reason.strip()})") from err
 
@@ -156,7 +156,7 @@ def read_file(path: Path) -> list[Atoms]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ase warns about CIF details it then handles
             frames = read(str(path), index=":", format=fmt)
-    except Exception as err:  # noqa: BLE001 - ase's parsers raise any type on a corrupt file
+    except Exception as err:
         message = str(err).strip()
         detail = f"{type(err).__name__}: {message}" if message else type(err).__name__
         raise StructureError(

@@ -237,7 +237,7 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             saved = TrainConfig.from_dict(json.loads(state["train_config"]))
-        except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+        except Exception as err:
             # torch's own text for a refused pickle suggests weights_only=False: never do that.
             detail = "damaged, or not written by ase-crystalformer" if isinstance(
                 err, pickle.UnpicklingError) else (str(err).strip().splitlines() or [""])[0]

@@ -13,6 +13,8 @@ the speed-up as old ÷ new. Measured per process:
   and an L1 loss on energy, forces and stress, so backward is a double backward;
 * inference at batch 128 (structures/s) and at batch 1 (ms/structure), model only:
   windows and batches are made beforehand;
+* ``model.predict`` from the structures at batch 128 and of one structure at a time, so
+  window building and collation are counted;
 * peak RSS of the process.
 
 The last column compares the CPU time of the process (all its threads) for the same work,
@@ -42,6 +44,8 @@ MEASURES = [
     ("train_fs_s", "training step, energy + forces + stress, s", True),
     ("infer_per_s", "inference at batch {batch}, structures/s", False),
     ("single_ms", "inference at batch 1, ms/structure", True),
+    ("predict_per_s", "model.predict at batch {batch} (windows + collate + model), structures/s", False),
+    ("predict_single_ms", "model.predict of one structure, ms", True),
     ("rss_mb", "peak RSS, MiB", True),
 ]
 
@@ -99,11 +103,28 @@ def worker(args: argparse.Namespace) -> dict:
                 model(b)
 
         result["single_ms"] = 1e3 * timed(all_singles, args.repeats) / len(singles)
+        # The whole predict path from structures; the new code remembers reduced cells,
+        # which would flatter it on repeated calls, so its memory is cleared each time.
+        from ase_crystalformer import geometry
+
+        forget = getattr(getattr(geometry, "_minkowski_reduced", None), "cache_clear", lambda: None)
+
+        def predict_all() -> None:
+            forget()
+            model.predict(atoms, batch_size=len(atoms))
+
+        def predict_singles() -> None:
+            forget()
+            for a in atoms[: args.single]:
+                model.predict(a)
+
+        result["predict_per_s"] = len(atoms) / timed(predict_all, args.repeats)
+        result["predict_single_ms"] = 1e3 * timed(predict_singles, args.repeats) / args.single
         # Predictions of the seed-0 weights (the training steps above changed these).
         torch.manual_seed(0)
         fresh = Crystalformer(model.config).eval()
         result["outputs"] = fresh(batch)[:, 0].tolist()
-    result["cpu"] = dict(zip(("train_s", "train_fs_s", "infer_per_s", "single_ms"), cpu))
+    result["cpu"] = dict(zip(("train_s", "train_fs_s", "infer_per_s", "single_ms", "predict_per_s", "predict_single_ms"), cpu))
     result["rss_mb"] = _common.peak_rss_mb()
     result["atoms"] = int(batch.n_atoms.sum())
     return result

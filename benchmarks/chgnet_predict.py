@@ -21,7 +21,6 @@ from ase.neighborlist import neighbor_list
 from chgnet.model import CHGNet
 from pymatgen.io.ase import AseAtomsAdaptor
 
-
 #: Frames with more neighbours within 5 Å per atom than this (extreme compression) are left
 #: out (NaN): CHGNet's graphs for them do not fit in memory here.
 MAX_PAIRS_PER_ATOM = 150

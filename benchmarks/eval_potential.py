@@ -23,14 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 from ase.units import GPa
 
 from ase_crystalformer.calculator import CrystalformerCalculator
 from ase_crystalformer.checkpoint import load_model
 from ase_crystalformer.potential import (
-    FORMATION_SOURCE,
     Frame,
     References,
     _fit,

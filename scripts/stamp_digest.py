@@ -24,7 +24,7 @@ from ase_crystalformer.checkpoint import DIGEST_KEY, read_checkpoint, tensors_di
 
 def _raw(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {}), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        return dict(handle.metadata() or {}), {k: handle.get_tensor(k) for k in handle.keys()}
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:

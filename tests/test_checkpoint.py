@@ -13,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ase_crystalformer import CheckpointError, Crystalformer, ModelConfig, TargetSpec
-from ase_crystalformer.config import DOMAINS
 from ase_crystalformer.checkpoint import (
     DIGEST_KEY,
     MODELS_ENV,
@@ -24,6 +23,7 @@ from ase_crystalformer.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from ase_crystalformer.config import DOMAINS
 
 CONFIG = ModelConfig(n_blocks=1, d_model=32, n_heads=4, d_ff=64, d_head_mlp=32,
                      targets=(TargetSpec("band_gap", "eV"),))
@@ -89,7 +89,7 @@ def test_corrupted_file_names_file_and_problem(tmp_path):
 def _rewrite(path, out, header_change=None, tensor_change=None):
     with safe_open(str(path), framework="pt") as f:
         header = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     if header_change:
         header_change(header)
     if tensor_change:

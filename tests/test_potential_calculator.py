@@ -170,7 +170,7 @@ def test_cli_predict_reports_the_potentials_energy_per_atom(tmp_path):
 
 def test_without_a_shipped_potential_energy_says_so(monkeypatch):
     """Until the potential ships, CrystalformerCalculator() names it as missing for energy."""
-    monkeypatch.setattr(inference, "list_models", lambda: [])
+    monkeypatch.setattr(inference, "list_models", list)
     model = Crystalformer(ModelConfig(n_blocks=1, d_model=16, n_heads=2, d_ff=16, d_head_mlp=8)).eval()
     atoms = bulk("NaCl", "rocksalt", a=5.64)
     atoms.calc = CrystalformerCalculator(model)

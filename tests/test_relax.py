@@ -117,8 +117,8 @@ def test_relax_is_exported_by_the_package():
 
 def test_cli_relax_writes_structures_and_summary(energy_model, tmp_path):
     import pandas as pd
-    from click.testing import CliRunner
     from ase.io import write
+    from click.testing import CliRunner
 
     from ase_crystalformer.checkpoint import save_checkpoint
     from ase_crystalformer.cli import main

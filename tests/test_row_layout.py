@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from ase.build import bulk
+from structures_for_tests import random_crystal
 
 from ase_crystalformer import Crystalformer, ModelConfig, attention
 from ase_crystalformer.attention import row_layout
 from ase_crystalformer.geometry import collate, windows_for
-from structures_for_tests import random_crystal
 
 
 def _batch(rng):

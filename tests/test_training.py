@@ -218,7 +218,7 @@ def test_a_run_directory_is_locked_while_a_run_uses_it(dataset, tmp_path):
         def run():
             try:
                 _train(dataset, out, epochs=1, swa=0)
-            except Exception as err:  # noqa: BLE001 - collected for the assertion below
+            except Exception as err:
                 errors.append(err)
 
         thread = threading.Thread(target=run)

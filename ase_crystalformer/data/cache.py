@@ -71,7 +71,7 @@ def load_cached(path: Path, key: str) -> Dataset | None:
                 )
                 return None
             dataset = _from_arrays(header, {name: arrays[name] for name in arrays.files})
-    except Exception as exc:  # noqa: BLE001 - truncated, garbled or foreign: rebuild, never fail
+    except Exception as exc:
         logger.warning(
             "rebuilding unreadable dataset cache %s (%s: %s)", path, type(exc).__name__, exc
         )

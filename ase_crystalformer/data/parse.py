@@ -175,7 +175,7 @@ def atoms_from_text(text: Any) -> Atoms:
         warnings.simplefilter("ignore")  # pymatgen warns about rounding on most MP CIFs
         try:
             structure = Structure.from_str(text, fmt=fmt)
-        except Exception as exc:  # noqa: BLE001 - pymatgen raises bare ValueError/IndexError on bad text
+        except Exception as exc:
             raise StructureError(
                 f"cannot parse {fmt.upper()} text ({type(exc).__name__}: {exc})"
             ) from None

@@ -89,7 +89,7 @@ def assemble(source: Source, options: Options) -> Dataset:
         try:
             atoms = clean_atoms(entry.parse())
             build_window(atoms, OVERLAP_SEARCH_CUTOFF, label=entry.id)  # check_atoms + overlaps
-        except Exception as exc:  # noqa: BLE001 - any parser failure is one bad row, never a stopped load
+        except Exception as exc:
             reason = str(exc) or type(exc).__name__
             skipped.append((entry.id, reason))
             logger.info("skipping %s: %s", entry.id, reason)
@@ -100,7 +100,7 @@ def assemble(source: Source, options: Options) -> Dataset:
             elif atoms.pbc.all():
                 try:
                     atoms = primitive_standard(atoms)
-                except Exception as exc:  # noqa: BLE001 - spglib/pymatgen fail in many ways; keep the cell
+                except Exception as exc:
                     prim_failed += 1
                     logger.info(
                         "%s: primitive cell failed (%s); keeping the given cell", entry.id, exc

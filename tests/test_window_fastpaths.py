@@ -1,0 +1,62 @@
+"""The shortcuts of window building give what the general path gives."""
+
+from __future__ import annotations
+
+import numpy as np
+from ase.build import bulk
+from ase.geometry.minkowski_reduction import is_minkowski_reduced
+
+from ase_crystalformer.geometry import _is_reduced, build_window
+
+
+def test_is_reduced_agrees_with_ase() -> None:
+    rng = np.random.default_rng(0)
+    cells = [np.eye(3) * 4.0, np.array(bulk("Cu", "fcc", a=3.6).cell), np.array(bulk("Mg", "hcp").cell)]
+    cells += [rng.normal(size=(3, 3)) for _ in range(300)]
+    cells += [np.diag(rng.uniform(1, 5, 3)) + np.triu(rng.integers(-2, 3, (3, 3)), 1) for _ in range(300)]
+    verdicts = [(_is_reduced(c), bool(is_minkowski_reduced(c))) for c in cells]
+    assert all(ours == theirs for ours, theirs in verdicts)
+    assert 0 < sum(ours for ours, _ in verdicts) < len(cells)  # both kinds were tried
+
+
+def test_window_order_and_pairs() -> None:
+    atoms = bulk("NaCl", "rocksalt", a=5.6).repeat((1, 1, 2))
+    atoms.rattle(0.05, seed=1)
+    w = build_window(atoms, 6.0)
+    order = np.lexsort((w.neighbor, w.center))
+    assert np.array_equal(order, np.arange(w.n_images))  # sorted by (center, neighbor)
+    assert (w.shift[w.center == w.neighbor] == 0).all(axis=1).sum() == len(atoms)  # one self image each
+    keys, inverse = np.unique(w.center.astype(np.int64) * len(atoms) + w.neighbor, return_inverse=True)
+    assert np.array_equal(w.pair, inverse.reshape(-1))
+    assert np.array_equal(w.pair_i, keys // len(atoms)) and np.array_equal(w.pair_j, keys % len(atoms))
+    starts = np.searchsorted(w.center, np.arange(len(atoms)))
+    assert np.array_equal(w.slot, np.arange(w.n_images) - starts[w.center])
+
+
+def test_neighbour_lists_in_any_order_give_the_same_window(monkeypatch) -> None:
+    """vesin's entries usually come sorted by (i, j) and are then only merged with the self
+    images; in another order they are sorted. Both give the same window up to the order of
+    images within a pair."""
+    import vesin
+
+    atoms = bulk("NaCl", "rocksalt", a=5.6).repeat((1, 1, 2))
+    atoms.rattle(0.05, seed=1)
+    usual = build_window(atoms, 6.0)
+    compute = vesin.NeighborList.compute
+
+    def reversed_compute(self, *args, **kwargs):
+        return [x[::-1].copy() for x in compute(self, *args, **kwargs)]
+
+    monkeypatch.setattr(vesin.NeighborList, "compute", reversed_compute)
+    other = build_window(atoms, 6.0)
+
+    def images(w):
+        rows = np.column_stack([w.center, w.neighbor, w.shift])
+        return rows[np.lexsort(rows.T[::-1])]
+
+    assert np.array_equal(images(usual), images(other))
+    for name in ("center", "neighbor", "pair", "pair_i", "pair_j", "slot"):
+        assert np.array_equal(getattr(usual, name), getattr(other, name)), name
+    firsts = np.r_[0, np.flatnonzero(np.diff(other.pair)) + 1]  # the first image of each pair
+    self_pairs = other.pair_i == other.pair_j
+    assert (other.shift[firsts][self_pairs] == 0).all()  # the self image leads its pair
