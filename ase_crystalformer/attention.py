@@ -1,4 +1,4 @@
-"""Pseudo-finite periodic attention (spec §2), computed over the geometry-only window.
+"""Pseudo-finite periodic attention, computed over the geometry-only window.
 
 For query atom i and head h the paper's layer is
 
@@ -15,7 +15,7 @@ needs no per-pair log-sum-exp. Then
     Σ_j a_ij β_ij      = W_E · Σ_slots weight · b(d)       (one batched matmul (N,H,M)@(N,M,K))
 
 so nothing of size (images × heads × K) is ever formed. ``encodings`` returns α and β per
-pair, the spec's intermediate quantities, for tests and inspection.
+pair, the paper's intermediate quantities, for tests and inspection.
 """
 
 from __future__ import annotations
@@ -291,9 +291,9 @@ class PeriodicAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
-        self.sigma_weight = nn.Parameter(torch.empty(h, dh))  # w of spec §2.2
+        self.sigma_weight = nn.Parameter(torch.empty(h, dh))  # w: s = q·w sets each atom's σ
         self.rbf_proj = nn.Parameter(torch.empty(h, dh, config.n_rbf)) if config.n_rbf else None
-        # Frozen standardisation of s = q·w (spec §2.2): set from the first training batch,
+        # Frozen standardisation of s = q·w: set from the first training batch,
         # then constant, so that a prediction never depends on the batch it is in.
         self.register_buffer("sigma_shift", torch.zeros(()))
         self.register_buffer("sigma_scale", torch.ones(()))
@@ -345,7 +345,7 @@ class PeriodicAttention(nn.Module):
     def encodings(
         self, x: torch.Tensor, geom: WindowGeometry
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The spec's periodic encodings per pair: α (P, H) and β (P, H, dh) (None if K = 0).
+        """The paper's periodic encodings per pair: α (P, H) and β (P, H, dh) (None if K = 0).
 
         Not used by ``forward`` (which folds them into one softmax); here for tests and for
         looking inside a trained model.

@@ -400,7 +400,7 @@ def training_options(func):
 @training_options
 @click.option("--cutoff", default=10.0, show_default=True, help="Window radius in Å.")
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--activation", type=click.Choice(["relu", "gelu", "silu"]), default="relu", show_default=True, help="silu or gelu give smooth forces (spec §9.3).")
+@click.option("--activation", type=click.Choice(["relu", "gelu", "silu"]), default="relu", show_default=True, help="silu or gelu give smooth forces (ReLU forces are only piecewise smooth).")
 @click.option("--domain", type=click.Choice(["real", "reciprocal", "alternating", "dual", "routed"]), default="real", show_default=True,
               help="Attention heads in real space (the paper's model), in reciprocal space (wide Gaussians over the whole crystal), alternating layers, dual (half the heads of each layer each), or routed (every head both, mixed by a learned gate). Reciprocal heads need 3D-periodic cells.")
 def train(cutoff: float, blocks: int, activation: str, domain: str, **opts) -> None:

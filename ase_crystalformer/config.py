@@ -73,7 +73,7 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Crystalformer; the defaults are the paper's model (spec §4, App. A).
+    """Architecture of a Crystalformer; the defaults are the paper's model.
 
     ``cutoff`` is the radius of the periodic window in Å: every image of every atom pair
     closer than this enters the attention. The Gaussian weight of an image at distance d is
@@ -188,7 +188,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe (spec §5); the defaults are the paper's MP settings.
+    """The training recipe; the defaults are the paper's MP settings.
 
     ``lr`` decays as lr·sqrt(T/(T + t)) with T = ``lr_decay_steps`` and t the optimizer
     steps taken; it is frozen during the last ``swa_epochs`` epochs, in which SWA averages

@@ -1,4 +1,4 @@
-"""The Crystalformer network (spec §4): embedding, periodic-attention blocks, mean pool, MLP.
+"""The Crystalformer network: embedding, periodic-attention blocks, mean pool, MLP.
 
 ``Crystalformer()`` with no arguments is the paper's default architecture, 853,505 trainable
 parameters (the paper's 853,517 also counts 12 frozen or unused scalars). It carries its
@@ -77,7 +77,7 @@ class Crystalformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """T-Fixup initialisation (spec §4); the head MLP keeps PyTorch's default init."""
+        """T-Fixup initialisation; the head MLP keeps PyTorch's default init."""
         c = self.config
         scale = 0.67 * c.n_blocks**-0.25
         nn.init.normal_(self.embedding.weight, std=c.d_model**-0.5 * (9 * c.n_blocks) ** -0.25)

@@ -113,7 +113,7 @@ def _to_batch(examples: Sequence[Example], dtype: torch.dtype, device: torch.dev
 
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on every trainable parameter except biases (spec §5)."""
+    """Weight decay on every trainable parameter except biases."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -24,7 +24,7 @@ import torch
 
 PATHS = {
     "ours": "ours: sphere window, torch path",
-    "dense": "dense box (spec §7.4.3, chunked RBFs)",
+    "dense": "dense box (the original code's window, chunked RBFs)",
     "dense-cached": "dense box (RBFs cached per batch)",
 }
 
@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> dict:
     warm = collate(windows_for(atoms[:8], cutoff))
     rss_base = _common.rss_mb()
 
-    # Training first (it also fixes the σ standardisation of a fresh model, spec §2.2).
+    # Training first (it also fixes the σ standardisation of a fresh model).
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_decay=1e-5)
 
     def train_step(batch, target) -> None:

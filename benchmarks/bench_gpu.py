@@ -244,7 +244,7 @@ def main() -> None:
     if "triton" in paths and importlib.util.find_spec("triton") is None:
         print("triton is not installed: timing the torch paths only")
         paths.remove("triton")
-    torch.backends.cuda.matmul.allow_tf32 = False  # the spec's precision (§3), all paths
+    torch.backends.cuda.matmul.allow_tf32 = False  # full float32 precision on every path
     torch.backends.cudnn.allow_tf32 = False
     print(f"machine: {_common.machine()}")
     print(f"data: {args.data}")

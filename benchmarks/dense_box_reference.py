@@ -1,7 +1,7 @@
-"""The dense box-window Crystalformer of the spec: the baseline the benchmarks time us against.
+"""The dense box-window Crystalformer of the original code: the baseline the benchmarks time us against.
 
-This is the original model's computation (spec §3 (b) "geometry-only" window, §7.4 item 3,
-Appendix B) written directly in torch, with the same parameters as ``Crystalformer`` (it
+This is the original model's computation (its "geometry-only" box window and the one-layer reference forward of
+the paper's appendix) written directly in torch, with the same parameters as ``Crystalformer`` (it
 *is* a ``Crystalformer`` subclass, so ``load_state_dict(model.state_dict())`` works and the
 same weights can be timed both ways):
 
@@ -54,7 +54,7 @@ class BoxGeometry:
 
 
 def box_ranges(cells: torch.Tensor, c_max: float, minimum: int = 2) -> torch.Tensor:
-    """R_l = max(ceil((c_max + 0.01)/h_l), minimum) per crystal, (B, 3) long (spec §3)."""
+    """R_l = max(ceil((c_max + 0.01)/h_l), minimum) per crystal, (B, 3) long."""
     volume = torch.linalg.det(cells).abs()  # (B,)
     cross = torch.cross(cells.roll(-1, dims=1), cells.roll(-2, dims=1), dim=2)  # (B, 3, 3)
     spacing = volume[:, None] / cross.norm(dim=2)  # (B, 3) h_l

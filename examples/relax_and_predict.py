@@ -10,8 +10,8 @@ structures (an energy-type target with force/stress loss) makes this a physical 
 
 The shipped ``mp-e_form`` is such an energy-type model: its energy is the formation energy of
 the cell (e_form × number of atoms, relative to the elemental references), whose forces and
-stress equal those of the total energy. Its FFN uses ReLU, so the energy surface has kinks
-(spec §9.3); BFGS copes, but the forces are only piecewise smooth.
+stress equal those of the total energy. Its FFN uses ReLU, so the energy surface has kinks;
+BFGS copes, but the forces are only piecewise smooth.
 
 Usage:
     python examples/relax_and_predict.py --model mp-e_form --model mp-band_gap   # rattled NaCl

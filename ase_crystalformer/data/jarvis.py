@@ -4,7 +4,7 @@ A list of dicts, each with an ``atoms`` dict (``lattice_mat`` rows = lattice vec
 ``coords``, ``elements``, ``cartesian``), an id (``jid`` for JARVIS-DFT, ``id`` for MEGNet)
 and labels, where a missing label is the string ``'na'``.
 
-The kind decides the paper split (spec §1.3): ``megnet`` uses the fixed counts
+The kind decides the paper split: ``megnet`` uses the fixed counts
 60000/5000/4239 of the 69,239-entry snapshot; ``dft_3d_2021`` (and any other JARVIS file)
 uses ``int(ratio * total)`` of the entries left after target filtering.
 """

@@ -34,7 +34,7 @@ _ALIASES = {
 def paper_split(
     total: int, n_train: int, n_val: int, n_test: int, seed: int = 123
 ) -> dict[str, list[int]]:
-    """ALIGNN/Matformer ``get_id_train_val_test``, used by Crystalformer (spec §1.3).
+    """ALIGNN/Matformer ``get_id_train_val_test``, used by Crystalformer.
 
     Shuffle ``list(range(total))`` with the Python stdlib RNG seeded with ``seed`` (same
     sequence as ``random.seed(seed); random.shuffle(ids)``, without touching the global
