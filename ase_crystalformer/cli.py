@@ -184,10 +184,14 @@ def _predict_write(table, fmt: str, outfile: Path | None) -> None:
 
 
 # --------------------------------------------------------------------------- data options
-def data_options(func):
-    """Options shared by every command that reads a dataset."""
+def data_options(func=None, *, multiple: bool = False):
+    """Options shared by every command that reads a dataset (``multiple``: --data repeatable)."""
+    if func is None:
+        return lambda f: data_options(f, multiple=multiple)
+    several = (" Repeatable: several datasets train one multi-task model (rows merged by material id;"
+               " see --target).") if multiple else ""
     options = [
-        click.option("--data", "source", required=True, help="Built-in dataset name (mp-megnet, mp20, mp-elastic, perov5, carbon24) or a file (CSV, extxyz, ASE db, pymatgen or jarvis-tools JSON)."),
+        click.option("--data", "source", required=True, multiple=multiple, help="Built-in dataset name (mp-megnet, mp20, mp-li, mp40, mp2015, mp-elastic, perov5, carbon24) or a file (CSV, extxyz, ASE db, pymatgen or jarvis-tools JSON)." + several),
         click.option("--data-dir", type=click.Path(file_okay=False), envvar="CRYSTALFORMER_DATA_DIR", help="Folder of the built-in datasets [env CRYSTALFORMER_DATA_DIR]."),
         click.option("--structure-column", help="CSV column holding CIF/POSCAR text."),
         click.option("--id-column", help="CSV column holding ids."),
@@ -276,19 +280,24 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
     from .rundir import run_directory
     from .training import train, write_json
 
-    targets = opts["targets"]
+    targets, sources = opts["targets"], opts["source"]
     out, device = Path(opts["out"]), opts["device"]
     try:
         with run_directory(out, resume=opts["resume"], overwrite=opts["overwrite"]):
-            dataset = _load(opts["source"], list(targets), opts["data_dir"], opts["structure_column"],
-                            opts["id_column"], opts["split_file"], opts["split_rule"], opts["primitive"],
-                            opts["cache_dir"], seed=opts["seed"])
+            if len(sources) == 1 and not any("=" in t for t in targets):
+                dataset = _load(sources[0], list(targets), opts["data_dir"], opts["structure_column"],
+                                opts["id_column"], opts["split_file"], opts["split_rule"], opts["primitive"],
+                                opts["cache_dir"], seed=opts["seed"])
+            else:
+                dataset = _load_multitask(sources, targets, opts)
+                targets = tuple(dataset.targets)
             specs = _target_specs(targets, opts["transforms"], dataset.units, opts["units"], opts["as_energy"])
             config = TrainConfig(
                 epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
                 swa_epochs=min(opts["swa_epochs"], opts["epochs"]), seed=opts["seed"],
                 weight_decay=opts["weight_decay"], lr_decay_steps=opts["lr_decay_steps"], clip_norm=opts["clip_norm"],
                 betas=tuple(opts["betas"]), force_weight=opts["force_weight"], stress_weight=opts["stress_weight"],
+                task_weights=_task_weights(opts["task_weights"], targets),
             )
 
             def echo(summary: dict) -> None:
@@ -312,9 +321,41 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
         click.echo(f"{key}: " + ", ".join(f"{t} MAE {m['mae']:.4g} (n={m['n']})" for t, m in metrics.items()))
 
 
+def _load_multitask(sources: tuple[str, ...], targets: tuple[str, ...], opts: dict):
+    """Several datasets (or named tasks) as one multi-task set (``data.multitask``)."""
+    from .data.multitask import load_multitask
+    from .errors import CrystalformerError
+
+    if opts["split_file"] is not None:
+        raise click.BadParameter("a split file applies to one dataset; give one --data with it", param_hint="--split-file")
+    try:
+        return load_multitask(list(sources), list(targets), data_dir=opts["data_dir"], val_fraction=opts["val_fraction"],
+                              seed=opts["seed"], structure_column=opts["structure_column"], id_column=opts["id_column"],
+                              split=opts["split_rule"], primitive=opts["primitive"], cache_dir=opts["cache_dir"])
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _task_weights(items: tuple[str, ...], targets: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    weights = []
+    for item in items:
+        name, sep, value = item.rpartition(":")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or name not in targets or not weight >= 0:
+            raise click.BadParameter(f"{item!r}: expected TASK:WEIGHT (weight >= 0) with TASK one of {list(targets)}",
+                                     param_hint="--task-weight")
+        weights.append((name, weight))
+    return tuple(weights)
+
+
 def training_options(func):
     options = [
-        click.option("--target", "targets", multiple=True, required=True, help="Target column (repeatable); 'energy' trains total energy per atom."),
+        click.option("--target", "targets", multiple=True, required=True, help="Target column (repeatable); 'energy' trains total energy per atom. With several --data: TASK=DATA:COLUMN names a task and where its labels come from (one TASK from several DATA pools labels of one scheme, e.g. band_gap@mp=mp20:band_gap band_gap@mp=mp-li:band_gap); a plain COLUMN must belong to one dataset only. Structures keep only the labels they have."),
+        click.option("--task-weight", "task_weights", multiple=True, help="TASK:WEIGHT in the loss (default 1 each; the loss is the weighted mean of each task's mean L1)."),
+        click.option("--val-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Several --data: the validation share of datasets without a split of their own (MEGNet val/test ids and the shipped models' test ids never train)."),
         click.option("--transform", "transforms", multiple=True, help="TARGET:log10 to learn log10 of a positive target."),
         click.option("--unit", "units", multiple=True, help="TARGET:UNIT where the data does not say (e.g. k_vrh:GPa)."),
         click.option("--as-energy", multiple=True, help="A per-atom energy target (eV/atom, e.g. e_form) that the ASE calculator turns into energy, forces and stress."),
@@ -342,7 +383,7 @@ def training_options(func):
 
 
 @main.command()
-@data_options
+@data_options(multiple=True)
 @training_options
 @click.option("--cutoff", default=10.0, show_default=True, help="Window radius in Å.")
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
@@ -357,7 +398,7 @@ def train(cutoff: float, blocks: int, activation: str, **opts) -> None:
 @main.command()
 @click.option("--from", "init_from", required=True, help="Trained model name or checkpoint path.")
 @click.option("--freeze-encoder", is_flag=True, help="Train only the head MLP.")
-@data_options
+@data_options(multiple=True)
 @training_options
 def finetune(init_from: str, freeze_encoder: bool, **opts) -> None:
     """Fine-tune a trained model (a new head when the targets differ)."""
