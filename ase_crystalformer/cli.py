@@ -85,6 +85,8 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
 
     A structure unlike a model's training set (an element it never saw; another cell size
     for a model trained on one) gets an empty cell for that model and a note on stderr.
+    A committee model adds a <property>_std column after each of its properties: the
+    members' spread (ddof=1; log10 units for a log10 target).
     """
     import numpy as np
     import pandas as pd
@@ -92,8 +94,9 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
 
     from .domain import OutOfDomainWarning
     from .errors import CrystalformerError
+    from .committee import Committee
     from .geometry import build_window
-    from .inference import load_models, target_properties
+    from .inference import load_models, std_property, target_properties
 
     if fmt is None:
         suffix = outfile.suffix.lower() if outfile is not None else ""
@@ -118,6 +121,7 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
         good = [i for i in range(len(entries)) if i not in errors]
         frames = [entries[i].atoms for i in good]
         values = [np.full((len(good), len(model.config.targets)), np.nan) for _, model in models]
+        stds = {m: np.full_like(values[m], np.nan) for m, (_, model) in enumerate(models) if isinstance(model, Committee)}
         outside: list[dict[int, str]] = [{} for _ in models]
         with _progress(len(good), progress) as bar:
             for start in range(0, len(good), batch_size):
@@ -125,7 +129,12 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
                 for m, (_, model) in enumerate(models):
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        values[m][start : start + len(chunk)] = model.predict(chunk, batch_size=batch_size, primitive=primitive).reshape(len(chunk), -1)
+                        if m in stds:  # a committee: its mean and the members' std
+                            mean, std = model.predict(chunk, batch_size=batch_size, primitive=primitive, return_std=True)
+                            stds[m][start : start + len(chunk)] = std.reshape(len(chunk), -1)
+                        else:
+                            mean = model.predict(chunk, batch_size=batch_size, primitive=primitive)
+                        values[m][start : start + len(chunk)] = mean.reshape(len(chunk), -1)
                     for w in caught:
                         if isinstance(w.message, OutOfDomainWarning):
                             outside[m].update({start + k: reason for k, reason in w.message.problems.items()})
@@ -141,6 +150,8 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
             notes += [f"  {entries[good[k]].label} ({frames[k].get_chemical_formula()}): {reason}" for k, reason in outside[m].items()]
             if not extrapolate:
                 values[m][list(outside[m])] = np.nan
+                if m in stds:
+                    stds[m][list(outside[m])] = np.nan
     if errors:
         notes.append(f"skipped {len(errors)} of {len(entries)} input(s) that could not be predicted:")
         notes += [f"  {errors[i]}" for i in sorted(errors)]
@@ -152,6 +163,11 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
         column_values = np.full(len(entries), np.nan)
         column_values[good] = values[prop.model][:, prop.column]
         table[f"{prop.name} ({prop.unit})" if prop.unit else prop.name] = column_values
+        if prop.model in stds:
+            name, unit = std_property(prop)
+            spread = np.full(len(entries), np.nan)
+            spread[good] = stds[prop.model][:, prop.column]
+            table[f"{name} ({unit})" if unit else name] = spread
     if ignore_errors:
         table["error"] = [errors.get(i) for i in range(len(entries))]
     _predict_write(table, fmt, outfile)
@@ -248,15 +264,16 @@ def _target_specs(names: tuple[str, ...], transforms: tuple[str, ...], units: di
     return specs
 
 
-def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
-    """Val and test metrics of the best-validation and SWA models of a finished run."""
+def _final_report(out_dir: Path, dataset, batch_size: int, device: str, kinds=("best", "swa")) -> dict:
+    """Val and test metrics of the best-validation and SWA models of a finished run (or
+    of its committee directory)."""
     from .checkpoint import load_model
     from .evaluation import evaluate
 
     report = {}
-    for kind in ("best", "swa"):
-        path = out_dir / f"{kind}.safetensors"
-        if not path.is_file():
+    for kind in kinds:
+        path = out_dir / (kind if kind == "committee" else f"{kind}.safetensors")
+        if not path.exists():
             continue
         model = load_model(path, device=device)
         for split in ("val", "test"):
@@ -306,11 +323,21 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
                            f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
                            f"({summary['wall_time_s']:.0f} s)")
 
-            report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
-                           freeze_encoder=freeze_encoder, resume=opts["resume"], overwrite=opts["overwrite"],
-                           device=device, command=" ".join(["crystalformer", *sys.argv[1:]]),
-                           progress=opts["progress"], on_epoch=echo, num_workers=opts["workers"])
-            report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
+            common = dict(model_config=model_config, init_from=init_from, freeze_encoder=freeze_encoder,
+                          resume=opts["resume"], overwrite=opts["overwrite"], device=device,
+                          command=" ".join(["crystalformer", *sys.argv[1:]]), progress=opts["progress"],
+                          on_epoch=echo, num_workers=opts["workers"])
+            if opts["committee"] > 1:  # member-k runs with seed + k, then one committee directory
+                from .committee import committee_from_runs, train_committee
+
+                reports = train_committee(dataset, specs, out, members=opts["committee"], config=config, **common)
+                runs = [out / f"member-{k}" for k in range(opts["committee"])]
+                committee_from_runs(runs, out / "committee", {"command": common["command"]})
+                report = {"members": reports, "skipped": reports[0]["skipped"],
+                          "metrics": _final_report(out, dataset, opts["batch_size"], device, kinds=("committee",))}
+            else:
+                report = train(dataset, specs, out, config=config, **common)
+                report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
             if int(os.environ.get("RANK", "0")) == 0:
                 write_json(report, out / "report.json")
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
@@ -318,7 +345,17 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
     if report["skipped"]:
         click.echo(f"skipped {len(report['skipped'])} structures (ids and reasons in report.json)")
     for key, metrics in report["metrics"].items():
-        click.echo(f"{key}: " + ", ".join(f"{t} MAE {m['mae']:.4g} (n={m['n']})" for t, m in metrics.items()))
+        click.echo(f"{key}: " + ", ".join(f"{t} MAE {m['mae']:.4g} (n={m['n']})" + _calibration_text(m)
+                                         for t, m in metrics.items()))
+
+
+def _calibration_text(metrics: dict) -> str:
+    """A committee's calibration of one target, as evaluate and train print it."""
+    c = metrics.get("calibration")
+    if not c:
+        return ""
+    return (f" calibration: Spearman(|error|, std) {c['spearman']:.3f}, within 1 std {c['within_1sigma']:.3f},"
+            f" within 2 std {c['within_2sigma']:.3f}")
 
 
 def _load_multitask(sources: tuple[str, ...], targets: tuple[str, ...], opts: dict):
@@ -376,6 +413,7 @@ def training_options(func):
         click.option("--stress-weight", default=0.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³)."),
         click.option("--progress/--no-progress", default=True, show_default=True),
         click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes that collate batches."),
+        click.option("--committee", default=1, show_default=True, type=click.IntRange(min=1), help="Train this many members (runs OUT/member-k, seed + k: own initialisation and data order) and save their final models as one committee in OUT/committee, whose spread is the uncertainty (>= 5 recommended)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -434,7 +472,8 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
     for spec in model.config.targets:
         m = metrics[spec.name]
         unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
-        click.echo(f"{spec.name} [{which}, n={m['n']}]: MAE {m['mae']:.4g} {unit}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.4f}")
+        click.echo(f"{spec.name} [{which}, n={m['n']}]: MAE {m['mae']:.4g} {unit}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.4f}"
+                   + _calibration_text(m))
     if skipped:
         click.echo(f"skipped {len(skipped)} structures: " + "; ".join(f"{i}: {r}" for i, r in skipped[:5]))
     if out_dir:
