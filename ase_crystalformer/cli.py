@@ -447,12 +447,17 @@ def finetune(init_from: str, freeze_encoder: bool, **opts) -> None:
 @click.option("--model", "model_name", required=True, help="Model name or checkpoint path.")
 @data_options
 @click.option("--split", "which", type=click.Choice(["train", "val", "test", "all"]), help="Default: test when the source defines splits, else all.")
+@click.option("--task", "tasks", multiple=True, help="TARGET=COLUMN: score the model's TARGET on the dataset's COLUMN (e.g. a multi-task model's e_form@megnet=e_form); with --task only the named targets are scored.")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Write predictions.csv and parity.png here.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @device_option
 def evaluate(model_name, source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir,
-             which, out_dir, batch_size, device):
-    """MAE, RMSE and R² of a model on a dataset split, a per-structure CSV and a parity plot."""
+             which, tasks, out_dir, batch_size, device):
+    """MAE, RMSE and R² of a model on a dataset split, a per-structure CSV and a parity plot.
+
+    For a committee also the calibration of its std: Spearman's rank correlation of |error|
+    with std and the fractions of errors within 1 and 2 std.
+    """
     from .checkpoint import load_model
     from .errors import CrystalformerError
     from .evaluation import evaluate as run_evaluation
@@ -463,13 +468,26 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
     names = [t.name for t in model.config.targets]
-    dataset = _load(source, names, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir)
+    mapping = {}
+    for item in tasks:
+        name, sep, column = item.partition("=")
+        if not sep or name not in names or not column:
+            raise click.BadParameter(f"{item!r}: expected TARGET=COLUMN with TARGET one of {names}", param_hint="--task")
+        mapping[name] = column
+    columns = list(mapping.values()) if mapping else names
+    dataset = _load(source, columns, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir)
+    if mapping:  # the dataset's columns under the model's target names
+        for record in dataset.records:
+            record.targets = {name: record.targets[c] for name, c in mapping.items() if c in record.targets}
+        dataset.units = {name: dataset.units.get(c, "") for name, c in mapping.items()}
     which = which or ("test" if dataset.splits.get("test") else "all")
     try:
         metrics, table, skipped = run_evaluation(model, dataset, which, batch_size=batch_size)
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
     for spec in model.config.targets:
+        if mapping and spec.name not in mapping:
+            continue
         m = metrics[spec.name]
         unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
         click.echo(f"{spec.name} [{which}, n={m['n']}]: MAE {m['mae']:.4g} {unit}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.4f}"
@@ -480,7 +498,7 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "predictions.csv", index=False)
-        parity_plot(table, [t.name for t in model.config.targets], out / "parity.png", title=Path(str(model_name)).name)
+        parity_plot(table, [t.name for t in model.config.targets if not mapping or t.name in mapping], out / "parity.png", title=Path(str(model_name)).name)
         (out / "metrics.json").write_text(json.dumps({"split": which, "metrics": metrics}, indent=2))
         click.echo(f"wrote {out / 'predictions.csv'}, {out / 'parity.png'}")
 
@@ -553,11 +571,12 @@ def _featurize_read(infile: Path, column: str, ignore_errors: bool):
 @click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output table (.csv, .json or .parquet).")
 @click.option("--model", "model_name", help="Model name or checkpoint path; default: the first shipped model.")
 @click.option("--mode", type=click.Choice(["embedding", "predictions", "both"]), default="embedding", show_default=True)
+@click.option("--pooling", default="mean", show_default=True, help="Statistics of the atom features in the embedding, comma-separated from mean, max, min, std (e.g. mean,max,min,std: 4 x d columns).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @device_option
 @click.option("--ignore-errors", is_flag=True, help="Give failing rows NaN features and an error column instead of stopping.")
 @click.option("--keep-structure", is_flag=True, help="Keep the structure column of a table in the output.")
-def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, batch_size: int,
+def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, pooling: str, batch_size: int,
               device: str, ignore_errors: bool, keep_structure: bool) -> None:
     """Add Crystalformer features (embedding and/or predictions) to every structure of IN.
 
@@ -572,7 +591,11 @@ def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, 
     from .featurizer import CrystalformerFeaturizer
 
     table, entries, from_table = _featurize_read(infile, column, ignore_errors)
-    featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size)
+    try:
+        featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size,
+                                             pooling=[p.strip() for p in pooling.split(",")])
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--pooling") from err
     try:
         labels = featurizer.feature_labels()
         # Unreadable rows too (they fail again, as None), so that "structure k" in a message is row k.

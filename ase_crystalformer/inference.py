@@ -169,8 +169,11 @@ def _sanitise(label: str) -> str:
 
 def property_name(target: TargetSpec) -> tuple[str, str]:
     """The ASE-style name and unit of one training target (before de-duplication)."""
-    key = re.sub(r"[\s\-]+", "_", target.name.strip().lower())
-    name, unit = TARGET_ALIASES.get(key, (target.name, ""))
+    base, _, scheme = target.name.partition("@")  # a multi-task label scheme: e_form@megnet
+    key = re.sub(r"[\s\-]+", "_", base.strip().lower())
+    name, unit = TARGET_ALIASES.get(key, (base, ""))
+    if scheme:
+        name = f"{name}_{_sanitise(scheme)}" if key in TARGET_ALIASES else target.name
     if name in RESERVED_NAMES:
         name = "energy_per_atom" if target.kind == "energy" else f"{name}_prediction"
     if target.kind == "energy":

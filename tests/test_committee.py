@@ -205,3 +205,21 @@ def test_cli_trains_a_committee_of_seeded_members(tmp_path):
     assert not torch.equal(first, committee.members[1].state_dict()["embedding.weight"])
     report = json.loads((out / "report.json").read_text())
     assert "calibration" in report["metrics"]["committee_test"]["e_form"]
+
+
+def test_cli_featurize_pooling(tmp_path):
+    model = members(1)[0]
+    from ase_crystalformer.checkpoint import save_checkpoint
+
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    cif = tmp_path / "nacl.cif"
+    bulk("NaCl", "rocksalt", 5.64).write(cif)
+    out = tmp_path / "f.csv"
+    result = CliRunner().invoke(main, ["featurize", str(cif), "--model", str(path), "--pooling", "mean,max",
+                                       "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert "crystalformer emb 15" in table and "crystalformer emb max 15" in table and len(table.columns) == 33
+    bad = CliRunner().invoke(main, ["featurize", str(cif), "--model", str(path), "--pooling", "mean,mode",
+                                    "--out", str(out), "--device", "cpu"])
+    assert bad.exit_code != 0 and "pooling=" in bad.output

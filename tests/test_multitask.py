@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -213,7 +214,27 @@ def test_cli_trains_one_model_on_several_builtin_datasets(tmp_path):
     assert trained <= {r.id for r in megnet.subset("train")} | mp20 | {r.id for r in elastic.subset("train")}
     assert not trained & set().union(*holdout_ids(DATA).values())
     assert not trained & {r.id for r in [*megnet.subset("val"), *elastic.subset("val")]}
+    # one task of the multi-task model scored on one dataset's column
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(out / "best.safetensors"), "--data", "mp-megnet",
+                                       "--data-dir", str(DATA), "--task", "e_form@megnet=e_form", "--split", "test",
+                                       "--out-dir", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    test_ids = [r.id for r in megnet.subset("test")]
+    assert list(rows["id"]) == test_ids and "e_form@megnet [test, n=" in result.output
+    assert "k_vrh" not in result.output
+    expected = model.predict([r.atoms for r in megnet.subset("test")])[:, 0]
+    np.testing.assert_allclose(rows["e_form@megnet_pred"], expected, rtol=1e-4)
+    np.testing.assert_allclose(rows["e_form@megnet_true"], [r.targets["e_form"] for r in megnet.subset("test")])
     bad = CliRunner().invoke(main, ["train", "--data", "mp-megnet", "--data", "mp20", "--data-dir", str(DATA),
                                     "--target", "band_gap", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "'band_gap' is a column of ['mp-megnet', 'mp20']" in bad.output
 
+
+
+def test_task_names_keep_their_scheme_in_property_names():
+    from ase_crystalformer.inference import property_name
+
+    assert property_name(TargetSpec("e_form@megnet")) == ("formation_energy_per_atom_megnet", "eV/atom")
+    assert property_name(TargetSpec("e_form@mp20")) == ("formation_energy_per_atom_mp20", "eV/atom")
+    assert property_name(TargetSpec("custom@x", "eV")) == ("custom@x", "eV")
