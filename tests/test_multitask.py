@@ -238,3 +238,16 @@ def test_task_names_keep_their_scheme_in_property_names():
     assert property_name(TargetSpec("e_form@megnet")) == ("formation_energy_per_atom_megnet", "eV/atom")
     assert property_name(TargetSpec("e_form@mp20")) == ("formation_energy_per_atom_mp20", "eV/atom")
     assert property_name(TargetSpec("custom@x", "eV")) == ("custom@x", "eV")
+
+
+def test_a_drawn_validation_role_never_outranks_a_source_split(base):
+    own = _source(base, "own", range(10), {"e": np.arange(10.0)}, split={"train": list(range(8)), "val": [8], "test": [9]})
+    drawn = _source(base, "drawn", range(20), {"g": np.arange(20.0)})
+    ds = merge({"own": own, "drawn": drawn}, [TaskSource("e", "own", "e"), TaskSource("g", "drawn", "g")],
+               val_fraction=0.5)
+    role = {ds.records[i].id: name for name, indices in ds.splits.items() for i in indices}
+    ids = [r.id for r in base.records[:20]]
+    assert [role[i] for i in ids[:10]] == ["train"] * 8 + ["val", "test"]  # own split kept whatever was drawn
+    drawn_val = [role[i] for i in ids[10:]].count("val")
+    assert ds.provenance["tasks"]["g"]["labels"]["val"] == drawn_val + 1  # + the own split's val id
+    assert 0 < drawn_val < 10  # the draw still makes a validation part

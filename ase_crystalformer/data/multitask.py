@@ -13,8 +13,10 @@ them), so no row is dropped because one of its tasks is missing.
 
 Splits. A source with a split of its own (MEGNet's leaderboard split, mp-elastic's and
 perov5's) keeps it; a source without one (mp20, mp-li, mp40, mp2015, carbon24, a file) is
-split ``val_fraction`` / rest into val / train, with no test part. An id takes the most
-held-out role any source gives it (test > val > train), and an id in ``exclude`` (the
+split ``val_fraction`` / rest into val / train, with no test part. An id takes the role of
+the sources with their own split when any has it (the most held-out one: test > val >
+train), else the most held-out drawn role, so a draw never takes a MEGNet training
+structure out of training; and an id in ``exclude`` (the
 MEGNet val/test ids and the test ids of the shipped models' splits, ``holdout_ids``) never
 trains: such ids found only in sources that would train on them are left out of every split
 and counted in the provenance.
@@ -128,9 +130,10 @@ def merge(
     if not names:
         raise DataError("no task given")
     excluded = {reason: set(ids) for reason, ids in (exclude or {}).items()}
+    strengths = {name: int(_has_split(ds)) for name, ds in datasets.items()}
     roles = {name: _roles(ds, val_fraction, seed) for name, ds in datasets.items()}
     records: dict[str, Record] = {}
-    role_of: dict[str, str | None] = {}
+    role_of: dict[str, tuple[int, int]] = {}  # (own split?, rank) of the strongest role
     origin: dict[str, str] = {}
     conflicts = dict.fromkeys(names, 0)
     worst = dict.fromkeys(names, 0.0)
@@ -151,14 +154,17 @@ def merge(
                         worst[task] = max(worst[task], abs(merged.targets[task] - value))
                 else:
                     merged.targets[task] = value
-            role, old = roles[source].get(index), role_of.get(record.id)
-            if old is None or (role is not None and _RANK[role] > _RANK[old]):
-                role_of[record.id] = role
+            role = roles[source].get(index)
+            if role is not None:  # a source's own split outranks a drawn one, then test > val > train
+                key = (strengths[source], _RANK[role])
+                if record.id not in role_of or key > role_of[record.id]:
+                    role_of[record.id] = key
     splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     removed = {reason: 0 for reason in excluded}
     ordered = list(records.values())
+    names_of = {rank: name for name, rank in _RANK.items()}
     for i, record in enumerate(ordered):
-        role = role_of[record.id]
+        role = names_of[role_of[record.id][1]] if record.id in role_of else None
         if role == "train":
             hits = [reason for reason, ids in excluded.items() if record.id in ids]
             for reason in hits:
@@ -181,11 +187,16 @@ def merge(
                    provenance)
 
 
+def _has_split(dataset: Dataset) -> bool:
+    """Whether the source has a split of its own (labels, the paper's shuffle or a file),
+    not only a default ratio split."""
+    return dataset.provenance.get("split", {}).get("method") not in ("ratio", "none", None)
+
+
 def _roles(dataset: Dataset, val_fraction: float, seed: int) -> dict[int, str]:
     """Split of each record index: the source's own, or val_fraction/rest for a source
     whose split is only a default ratio split (or none)."""
-    method = dataset.provenance.get("split", {}).get("method")
-    if method in ("ratio", "none", None):
+    if not _has_split(dataset):
         n = len(dataset.records)
         split = ratio_split(n, (1.0 - val_fraction, val_fraction, 0.0), seed)
     else:
@@ -222,9 +233,9 @@ def _provenance(datasets, tasks, records, splits, removed, conflicts, worst, ori
             for task in counts
         },
         "excluded_from_train": removed,
-        "rule": "ids take the most held-out role any source gives them (test > val > train); "
-                "sources without their own split: val_fraction to val, the rest to train; "
-                "excluded ids never train",
+        "rule": "sources without their own split: val_fraction drawn to val, the rest train; an id "
+                "takes the most held-out role (test > val > train) of the sources with their own "
+                "split that have it, else of the drawn ones; excluded ids never train",
         "val_fraction": val_fraction,
         "seed": seed,
         "n_records": len(records),
