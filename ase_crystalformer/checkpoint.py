@@ -120,9 +120,12 @@ def energy_models() -> list[str]:
     found = []
     for name in list_models():
         try:
-            with safe_open(str(model_path(name)), framework="pt") as handle:
+            path = model_path(name)
+            if path.name == COMMITTEE_FILE:  # its members share one config: read the first's
+                path = path.parent / json.loads(path.read_text())["members"][0]
+            with safe_open(str(path), framework="pt") as handle:
                 config = json.loads((handle.metadata() or {}).get("config", "{}"))
-        except (SafetensorError, OSError, ValueError):  # reported when it is loaded
+        except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError):  # reported when loaded
             continue
         if any(t.get("kind") == "energy" for t in config.get("targets", [])):
             found.append(name)

@@ -82,6 +82,9 @@ def test_round_trip_through_a_shipped_committee_directory(committee, crystals, t
     assert header["members"] == [f"member-{k}.safetensors" for k in range(5)]
     monkeypatch.setenv(MODELS_ENV, str(tmp_path))
     assert "tiny-committee" in list_models()
+    from ase_crystalformer.checkpoint import energy_models
+
+    assert "tiny-committee" in energy_models()  # its members have an energy target
     loaded = load_model("tiny-committee")
     assert isinstance(loaded, Committee) and loaded.metadata["note"] == "test"
     assert loaded.metadata["name"] == "tiny-committee"
