@@ -413,7 +413,7 @@ def training_options(func):
         click.option("--stress-weight", default=0.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³)."),
         click.option("--progress/--no-progress", default=True, show_default=True),
         click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes that collate batches."),
-        click.option("--committee", default=1, show_default=True, type=click.IntRange(min=1), help="Train this many members (runs OUT/member-k, seed + k: own initialisation and data order) and save their final models as one committee in OUT/committee, whose spread is the uncertainty (>= 5 recommended)."),
+        click.option("--committee", default=1, show_default=True, type=click.IntRange(min=1), help="Train this many members (runs OUT/member-k, seed + k: own initialisation and data order) and save their final models (SWA, or best validation without SWA) as one committee in OUT/committee, whose spread is the uncertainty (>= 5 recommended)."),
     ]
     for option in reversed(options):
         func = option(func)
