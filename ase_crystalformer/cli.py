@@ -363,12 +363,14 @@ def _load_multitask(sources: tuple[str, ...], targets: tuple[str, ...], opts: di
     from .data.multitask import load_multitask
     from .errors import CrystalformerError
 
-    if opts["split_file"] is not None:
-        raise click.BadParameter("a split file applies to one dataset; give one --data with it", param_hint="--split-file")
+    for option, hint in (("split_file", "--split-file"), ("split_rule", "--split-rule")):
+        if opts[option] is not None:  # a multi-task run keeps each dataset's own split
+            raise click.BadParameter("applies to one dataset; a multi-task run keeps each dataset's own split "
+                                     "and draws --val-fraction from those without one", param_hint=hint)
     try:
         return load_multitask(list(sources), list(targets), data_dir=opts["data_dir"], val_fraction=opts["val_fraction"],
                               seed=opts["seed"], structure_column=opts["structure_column"], id_column=opts["id_column"],
-                              split=opts["split_rule"], primitive=opts["primitive"], cache_dir=opts["cache_dir"])
+                              primitive=opts["primitive"], cache_dir=opts["cache_dir"])
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
 

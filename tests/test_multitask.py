@@ -229,6 +229,9 @@ def test_cli_trains_one_model_on_several_builtin_datasets(tmp_path):
     bad = CliRunner().invoke(main, ["train", "--data", "mp-megnet", "--data", "mp20", "--data-dir", str(DATA),
                                     "--target", "band_gap", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "'band_gap' is a column of ['mp-megnet', 'mp20']" in bad.output
+    bad = CliRunner().invoke(main, ["train", "--data", "mp-megnet", "--data", "mp20", "--data-dir", str(DATA),
+                                    "--target", "e_form", "--split-rule", "ratio", "--out", str(tmp_path / "y")])
+    assert bad.exit_code != 0 and "keeps each dataset's own split" in bad.output
 
 
 
