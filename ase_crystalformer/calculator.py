@@ -24,6 +24,7 @@ from ase.calculators.calculator import (
 
 from . import inference
 from .checkpoint import energy_models
+from .committee import Committee
 from .domain import warn_outside
 from .errors import DataError, StructureError
 from .forces import energy_forces_stress
@@ -37,6 +38,7 @@ from .inference import (
     load_models,
     resolve_device,
     resolve_dtype,
+    std_property,
     target_properties,
 )
 from .model import Crystalformer
@@ -76,6 +78,9 @@ class CrystalformerCalculator(Calculator):
       ``e_form`` → ``formation_energy_per_atom`` eV/atom, ``bandgap`` → ``band_gap`` eV,
       ``k_vrh``/``g_vrh`` → ``bulk_modulus_vrh``/``shear_modulus_vrh`` GPa; unknown names
       pass through; a name two models share gets the second model's label appended);
+    * ``<property>_std`` for each target of a committee (``committee.Committee``, e.g. a
+      shipped committee directory): its members' sample std (ddof=1) in the target's
+      training space (log10 units for a log10 target); the property itself is their mean;
     * ``embedding``: the mean-pooled crystal vector (d,) of the first model;
     * ``energy``, ``free_energy`` (eV), ``forces`` (eV/Å) and ``stress`` (eV/Å³, Voigt
       xx yy zz yz xz xy) from a potential (a model trained on DFT energies, forces and
@@ -155,10 +160,15 @@ class CrystalformerCalculator(Calculator):
         self.targets: list[TargetProperty] = target_properties(self.models)
         self.energy_target: TargetProperty | None = _energy_target(self.models, self.targets, explicit)
         self._warned_not_potential = False
-        names = [t.name for t in self.targets] + ["embedding"]
+        # A committee's targets also give <name>_std, the members' spread (committee.py).
+        self.std_names: dict[str, tuple[str, str]] = {
+            t.name: std_property(t) for t in self.targets if isinstance(self.models[t.model][1], Committee)
+        }
+        names = [t.name for t in self.targets] + [n for n, _ in self.std_names.values()] + ["embedding"]
         energy = list(ENERGY_PROPERTIES) if self.energy_target is not None else []
         self.implemented_properties = energy + names  # a new list: never the base class's
         self.units: dict[str, str] = {t.name: t.unit for t in self.targets}
+        self.units.update(self.std_names.values())
         self.units["embedding"] = ""
         if energy:
             self.units.update(energy="eV", free_energy="eV", forces="eV/Å", stress="eV/Å^3")
@@ -372,7 +382,9 @@ class CrystalformerCalculator(Calculator):
 
     def _needed(self, properties: Sequence[str]) -> set[int]:
         """Indices of the models that provide one of ``properties``: only those run."""
-        need = {t.model for t in self.targets if t.name in properties}
+        stds = {std: name for name, (std, _) in self.std_names.items()}  # <property>_std → property
+        wanted = set(properties) | {stds[p] for p in properties if p in stds}
+        need = {t.model for t in self.targets if t.name in wanted}
         if "embedding" in properties:
             need.add(0)
         if self.energy_target is not None and set(ENERGY_PROPERTIES) & set(properties):
@@ -391,8 +403,9 @@ class CrystalformerCalculator(Calculator):
             f"{label}: energy, forces and stress come from a property regressor: the energy is its "
             f"{name!r} (eV/atom) × number of atoms, a model fitted to relaxed structures only, so "
             "its forces and stress are gradients that no training constrained, not those of a "
-            f"potential. For relaxations, MD and phonons use the potential {DEFAULT_POTENTIAL!r} "
-            "(CrystalformerCalculator() with no model).",
+            "potential. For relaxations, MD and phonons use a potential: a checkpoint trained "
+            f"on forces, or {DEFAULT_POTENTIAL!r} (CrystalformerCalculator() with no model) "
+            "once it ships.",
             NotAPotentialWarning,
             stacklevel=4,
         )
@@ -428,8 +441,11 @@ class CrystalformerCalculator(Calculator):
                     rows = results[start : start + batch_size]
                     for index in members:
                         model = self.models[index][1]
-                        derivatives = None
-                        if energy is not None and energy.model == index and (forces or stress):
+                        derivatives, std = None, None
+                        wants = energy is not None and energy.model == index and (forces or stress)
+                        if isinstance(model, Committee):
+                            out, std, emb, derivatives = _committee_pass(model, batch, derivatives=wants, stress=stress)
+                        elif wants:
                             with _head_input(model) as seen:
                                 derivatives = energy_forces_stress(
                                     model, batch, forces=True, stress=stress
@@ -441,7 +457,7 @@ class CrystalformerCalculator(Calculator):
                                 emb = model.embed(batch)  # (B, d)
                                 out = model.targets(model.head(emb))  # (B, T)
                         shift = None if offsets is None else offsets[start : start + batch_size]
-                        self._fill(rows, index, batch, out, emb, derivatives, shift)
+                        self._fill(rows, index, batch, out, emb, derivatives, shift, std)
         return results
 
     def _fill(
@@ -453,10 +469,13 @@ class CrystalformerCalculator(Calculator):
         emb: torch.Tensor,
         derivatives: dict[str, torch.Tensor] | None,
         shift: np.ndarray | None = None,
+        std: torch.Tensor | None = None,
     ) -> None:
-        """Copy one model's outputs for one batch into the per-structure result dicts;
-        ``shift`` (B,) eV is added to the energy (a potential's reference energies)."""
+        """Copy one model's outputs (and a committee's std) for one batch into the
+        per-structure result dicts; ``shift`` (B,) eV is added to the energy (a potential's
+        reference energies)."""
         values = out.detach().to("cpu", torch.float64).numpy()  # (B, T)
+        spread = None if std is None else std.detach().to("cpu", torch.float64).numpy()  # (B, T)
         n_atoms = batch.n_atoms.cpu().numpy()
         energy = self.energy_target
         if shift is not None and energy is not None and energy.model == index:
@@ -466,6 +485,8 @@ class CrystalformerCalculator(Calculator):
             if t.model == index:
                 for b, row in enumerate(rows):
                     row[t.name] = float(values[b, t.column])
+                    if spread is not None:
+                        row[self.std_names[t.name][0]] = float(spread[b, t.column])
         if index == 0:
             embedding = emb.detach().to("cpu", torch.float64).numpy()  # (B, d)
             for b, row in enumerate(rows):
@@ -483,6 +504,26 @@ class CrystalformerCalculator(Calculator):
             stress = derivatives["stress"].detach().to("cpu", torch.float64).numpy()  # (B, 3, 3)
             for b, row in enumerate(rows):
                 row["stress"] = stress[b][[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt
+
+
+def _committee_pass(committee: Committee, batch: Batch, *, derivatives: bool, stress: bool):
+    """Mean (target units) and std (training space) of a committee's targets, the first
+    member's embedding, and with ``derivatives`` the members' mean forces (and stress):
+    the derivatives of the mean energy."""
+    with torch.no_grad():
+        emb = committee.embed(batch)
+        if not derivatives:
+            mean, std = committee.mean_std(batch)
+    averaged = None
+    if derivatives:
+        parts = [energy_forces_stress(m, batch, forces=True, stress=stress) for m in committee.members]
+        values = torch.stack([p["outputs"].detach() * m.target_std + m.target_mean
+                              for p, m in zip(parts, committee.members)])
+        mean, std = values.mean(0), values.std(0, correction=1)
+        averaged = {k: torch.stack([p[k].detach() for p in parts]).mean(0)
+                    for k in ("forces", "stress") if k in parts[0]}
+    out = committee.targets((mean - committee.target_mean) / committee.target_std)
+    return out, std, emb, averaged
 
 
 @contextmanager

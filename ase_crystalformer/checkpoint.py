@@ -45,6 +45,8 @@ from .reciprocal import layer_kind, real_space_heads
 
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
+#: A shipped model directory holding this file is a committee (``committee.py``).
+COMMITTEE_FILE = "committee.json"
 #: Extra directories searched for named models, separated by os.pathsep.
 MODELS_ENV = "CRYSTALFORMER_MODELS"
 #: Largest header (tensor index and metadata JSON) read; shipped ones are about 10 KB.
@@ -235,7 +237,7 @@ def list_models() -> list[str]:
     names: list[str] = []
     for directory in _model_dirs():
         for sub in sorted(directory.iterdir()):
-            if (sub / WEIGHTS_NAME).is_file() and sub.name not in names:
+            if _is_model_dir(sub) and sub.name not in names:
                 names.append(sub.name)
     return names
 
@@ -246,24 +248,35 @@ def energy_models() -> list[str]:
     found = []
     for name in list_models():
         try:
-            with safe_open(str(model_path(name)), framework="pt") as handle:
+            path = model_path(name)
+            if path.name == COMMITTEE_FILE:  # its members share one config: read the first's
+                path = path.parent / json.loads(path.read_text())["members"][0]
+            with safe_open(str(path), framework="pt") as handle:
                 config = ModelConfig.from_dict(json.loads((handle.metadata() or {}).get("config", "")))
-        except (SafetensorError, OSError, ValueError, RecursionError):  # reported when it is loaded
+        except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):  # reported when loaded
             continue
         if any(t.kind == "energy" for t in config.targets):
             found.append(name)
     return found
 
 
+def _is_model_dir(path: Path) -> bool:
+    return (path / WEIGHTS_NAME).is_file() or (path / COMMITTEE_FILE).is_file()
+
+
+def _model_file(directory: Path) -> Path:
+    return directory / WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else directory / COMMITTEE_FILE
+
+
 def model_path(name_or_path: str | Path) -> Path:
-    """Resolve a model name or a file/directory path to a checkpoint file."""
+    """Resolve a model name or a file/directory path to a checkpoint file (a committee's
+    ``committee.json``)."""
     path = Path(name_or_path)
-    if path.is_file() or (path.is_dir() and (path / WEIGHTS_NAME).is_file()):
-        return path if path.is_file() else path / WEIGHTS_NAME
+    if path.is_file() or (path.is_dir() and _is_model_dir(path)):
+        return path if path.is_file() else _model_file(path)
     for directory in _model_dirs():
-        candidate = directory / str(name_or_path) / WEIGHTS_NAME
-        if candidate.is_file():
-            return candidate
+        if _is_model_dir(directory / str(name_or_path)):
+            return _model_file(directory / str(name_or_path))
     if path.is_dir():  # e.g. a training run folder: best, swa and latest.safetensors
         found = sorted(p.name for p in path.glob("*.safetensors"))
         hint = f"pass one of its files: {found}" if found else "it holds no .safetensors file"
@@ -277,9 +290,16 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     """Load a shipped model by name, or any checkpoint by path, in eval mode on ``device``.
 
     The model's checkpoint metadata is attached as ``model.metadata``, with its ``name``
-    (the shipped name or checkpoint folder) added.
+    (the shipped name or checkpoint folder) added. A committee directory gives a
+    ``committee.Committee`` (the same predict API, plus ``return_std``).
     """
     path = model_path(name_or_path)
+    if path.name == COMMITTEE_FILE:  # several member checkpoints: ``committee.Committee``
+        from .committee import read_committee
+
+        model = read_committee(path.parent)
+        model.metadata.setdefault("name", path.parent.name)
+        return model.to(device) if device is not None else model
     model, metadata = read_checkpoint(path)
     metadata.setdefault("name", path.parent.name if path.name == WEIGHTS_NAME else path.stem)
     return model.to(device) if device is not None else model

@@ -93,13 +93,16 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
 
     A structure unlike a model's training set (an element it never saw; another cell size
     for a model trained on one) gets an empty cell for that model and a note on stderr.
+    A committee model adds a <property>_std column after each of its properties: the
+    members' spread (ddof=1; log10 units for a log10 target).
     """
     import numpy as np
     import pandas as pd
     import torch
 
     from .errors import CrystalformerError
-    from .inference import load_models, target_properties
+    from .committee import Committee
+    from .inference import load_models, std_property, target_properties
     from .workers import ordered_map
 
     if fmt is None:
@@ -113,17 +116,20 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
         models = load_models(list(model_names) or None, torch.device(device), torch.float32)
         properties = target_properties(models)  # the calculator's and featurizer's names
         values = [np.full((len(entries), len(model.config.targets)), np.nan) for _, model in models]
+        stds = {m: np.full_like(values[m], np.nan) for m, (_, model) in enumerate(models) if isinstance(model, Committee)}
         outside: list[dict[int, str]] = [{} for _ in models]
         todo = [(i, e.label, e.atoms) for i, e in enumerate(entries) if e.atoms is not None]
         jobs = [(todo[k : k + batch_size], primitive, ignore_errors, batch_size) for k in range(0, len(todo), batch_size)]
         setup = (tuple(model_names), device)
         with _progress(len(todo), progress) as bar:
-            for good, failed, chunk_values, chunk_outside, chunk_other in ordered_map(
+            for good, failed, chunk_values, chunk_stds, chunk_outside, chunk_other in ordered_map(
                 _predict_chunk, jobs, workers, _predict_setup, setup
             ):
                 errors.update(failed)
                 for m in range(len(models)):
                     values[m][good] = chunk_values[m]
+                    if m in stds:
+                        stds[m][good] = chunk_stds[m]
                     outside[m].update(chunk_outside[m])
                 other += chunk_other
                 bar.update(len(good) + len(failed))
@@ -137,6 +143,8 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
             notes += [f"  {entries[i].label} ({entries[i].atoms.get_chemical_formula()}): {reason}" for i, reason in outside[m].items()]
             if not extrapolate:
                 values[m][list(outside[m])] = np.nan
+                if m in stds:
+                    stds[m][list(outside[m])] = np.nan
     if errors:
         notes.append(f"skipped {len(errors)} of {len(entries)} input(s) that could not be predicted:")
         notes += [f"  {errors[i]}" for i in sorted(errors)]
@@ -146,6 +154,9 @@ def predict(inputs: tuple[str, ...], model_names: tuple[str, ...], fmt: str | No
     })
     for prop in properties:
         table[f"{prop.name} ({prop.unit})" if prop.unit else prop.name] = values[prop.model][:, prop.column]
+        if prop.model in stds:
+            name, unit = std_property(prop)
+            table[f"{name} ({unit})" if unit else name] = stds[prop.model][:, prop.column]
     if ignore_errors:
         table["error"] = [errors.get(i) for i in range(len(entries))]
     _predict_write(table, fmt, outfile)
@@ -172,9 +183,13 @@ def _predict_chunk(models: list, job: tuple) -> tuple:
     """Predictions of every model for one chunk of (entry index, label, atoms).
 
     Each structure's window is built once per cutoff and is both the check and the model's
-    input. Returns (indices predicted, {index: error}, per model its (n, T) values and
-    {index: out-of-domain reason}, other warnings as (message, category, file, line)).
+    input. Returns (indices predicted, {index: error}, per model its (n, T) values, its
+    (n, T) std (a committee; else None) and {index: out-of-domain reason}, other warnings
+    as (message, category, file, line)).
     """
+    import numpy as np
+
+    from .committee import Committee
     from .domain import OutOfDomainWarning
     from .errors import CrystalformerError
     from .forces import energy_target_index
@@ -202,11 +217,18 @@ def _predict_chunk(models: list, job: tuple) -> tuple:
         frames.append(atoms)
         for c in cutoffs:
             windows[c].append(built[c])
-    values, outside, other = [], [], []
+    values, stds, outside, other = [], [], [], []
     for _, model in models:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            values.append(model.predict_windows(windows[model.config.cutoff], batch_size))
+            if isinstance(model, Committee):  # its mean and the members' std
+                empty = np.zeros((0, len(model.config.targets)))
+                mean, std = model.predict(frames, batch_size=batch_size, return_std=True) if frames else (empty, empty)
+                values.append(mean.reshape(len(frames), -1))
+                stds.append(std.reshape(len(frames), -1))
+            else:
+                values.append(model.predict_windows(windows[model.config.cutoff], batch_size))
+                stds.append(None)
         shift = reference_per_atom(model, frames)  # a potential's energy is network + references
         if shift is not None:
             values[-1][:, energy_target_index(model)] += shift
@@ -216,7 +238,7 @@ def _predict_chunk(models: list, job: tuple) -> tuple:
                 outside[-1].update({good[k]: reason for k, reason in w.message.problems.items()})
             else:
                 other.append((str(w.message), w.category, w.filename, w.lineno))
-    return good, errors, values, outside, other
+    return good, errors, values, stds, outside, other
 
 
 def _predict_write(table, fmt: str, outfile: Path | None) -> None:
@@ -238,10 +260,14 @@ def _predict_write(table, fmt: str, outfile: Path | None) -> None:
 
 
 # --------------------------------------------------------------------------- data options
-def data_options(func):
-    """Options shared by every command that reads a dataset."""
+def data_options(func=None, *, multiple: bool = False):
+    """Options shared by every command that reads a dataset (``multiple``: --data repeatable)."""
+    if func is None:
+        return lambda f: data_options(f, multiple=multiple)
+    several = (" Repeatable: several datasets train one multi-task model (rows merged by material id;"
+               " see --target).") if multiple else ""
     options = [
-        click.option("--data", "source", required=True, help="Built-in dataset name (mp-megnet, mp20, mp-elastic, perov5, carbon24) or a file (CSV, extxyz, ASE db, pymatgen or jarvis-tools JSON)."),
+        click.option("--data", "source", required=True, multiple=multiple, help="Built-in dataset name (mp-megnet, mp20, mp-li, mp40, mp2015, mp-elastic, perov5, carbon24) or a file (CSV, extxyz, ASE db, pymatgen or jarvis-tools JSON)." + several),
         click.option("--data-dir", type=click.Path(file_okay=False), envvar="CRYSTALFORMER_DATA_DIR", help="Folder of the built-in datasets [env CRYSTALFORMER_DATA_DIR]."),
         click.option("--structure-column", help="CSV column holding CIF/POSCAR text."),
         click.option("--id-column", help="CSV column holding ids."),
@@ -298,15 +324,16 @@ def _target_specs(names: tuple[str, ...], transforms: tuple[str, ...], units: di
     return specs
 
 
-def _final_report(out_dir: Path, dataset, batch_size: int, device: str) -> dict:
-    """Val and test metrics of the best-validation and SWA models of a finished run."""
+def _final_report(out_dir: Path, dataset, batch_size: int, device: str, kinds=("best", "swa")) -> dict:
+    """Val and test metrics of the best-validation and SWA models of a finished run (or
+    of its committee directory)."""
     from .checkpoint import load_model
     from .evaluation import evaluate
 
     report = {}
-    for kind in ("best", "swa"):
-        path = out_dir / f"{kind}.safetensors"
-        if not path.is_file():
+    for kind in kinds:
+        path = out_dir / (kind if kind == "committee" else f"{kind}.safetensors")
+        if not path.exists():
             continue
         model = load_model(path, device=device)
         for split in ("val", "test"):
@@ -330,19 +357,24 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
     from .rundir import run_directory
     from .training import train, write_json
 
-    targets = opts["targets"]
+    targets, sources = opts["targets"], opts["source"]
     out, device = Path(opts["out"]), opts["device"]
     try:
         with run_directory(out, resume=opts["resume"], overwrite=opts["overwrite"]):
-            dataset = _load(opts["source"], list(targets), opts["data_dir"], opts["structure_column"],
-                            opts["id_column"], opts["split_file"], opts["split_rule"], opts["primitive"],
-                            opts["cache_dir"], seed=opts["seed"])
+            if len(sources) == 1 and not any("=" in t for t in targets):
+                dataset = _load(sources[0], list(targets), opts["data_dir"], opts["structure_column"],
+                                opts["id_column"], opts["split_file"], opts["split_rule"], opts["primitive"],
+                                opts["cache_dir"], seed=opts["seed"])
+            else:
+                dataset = _load_multitask(sources, targets, opts)
+                targets = tuple(dataset.targets)
             specs = _target_specs(targets, opts["transforms"], dataset.units, opts["units"], opts["as_energy"])
             config = TrainConfig(
                 epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
                 swa_epochs=min(opts["swa_epochs"], opts["epochs"]), seed=opts["seed"],
                 weight_decay=opts["weight_decay"], lr_decay_steps=opts["lr_decay_steps"], clip_norm=opts["clip_norm"],
                 betas=tuple(opts["betas"]), force_weight=opts["force_weight"], stress_weight=opts["stress_weight"],
+                task_weights=_task_weights(opts["task_weights"], targets),
             )
 
             def echo(summary: dict) -> None:
@@ -351,11 +383,21 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
                            f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
                            f"({summary['wall_time_s']:.0f} s)")
 
-            report = train(dataset, specs, out, config=config, model_config=model_config, init_from=init_from,
-                           freeze_encoder=freeze_encoder, resume=opts["resume"], overwrite=opts["overwrite"],
-                           device=device, command=" ".join(["crystalformer", *sys.argv[1:]]),
-                           progress=opts["progress"], on_epoch=echo, num_workers=opts["workers"])
-            report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
+            common = dict(model_config=model_config, init_from=init_from, freeze_encoder=freeze_encoder,
+                          resume=opts["resume"], overwrite=opts["overwrite"], device=device,
+                          command=" ".join(["crystalformer", *sys.argv[1:]]), progress=opts["progress"],
+                          on_epoch=echo, num_workers=opts["workers"])
+            if opts["committee"] > 1:  # member-k runs with seed + k, then one committee directory
+                from .committee import committee_from_runs, train_committee
+
+                reports = train_committee(dataset, specs, out, members=opts["committee"], config=config, **common)
+                runs = [out / f"member-{k}" for k in range(opts["committee"])]
+                committee_from_runs(runs, out / "committee", {"command": common["command"]})
+                report = {"members": reports, "skipped": reports[0]["skipped"],
+                          "metrics": _final_report(out, dataset, opts["batch_size"], device, kinds=("committee",))}
+            else:
+                report = train(dataset, specs, out, config=config, **common)
+                report["metrics"] = _final_report(out, dataset, opts["batch_size"], device)
             if int(os.environ.get("RANK", "0")) == 0:
                 write_json(report, out / "report.json")
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
@@ -363,12 +405,56 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
     if report["skipped"]:
         click.echo(f"skipped {len(report['skipped'])} structures (ids and reasons in report.json)")
     for key, metrics in report["metrics"].items():
-        click.echo(f"{key}: " + ", ".join(f"{t} MAE {m['mae']:.4g} (n={m['n']})" for t, m in metrics.items()))
+        click.echo(f"{key}: " + ", ".join(f"{t} MAE {m['mae']:.4g} (n={m['n']})" + _calibration_text(m)
+                                         for t, m in metrics.items()))
+
+
+def _calibration_text(metrics: dict) -> str:
+    """A committee's calibration of one target, as evaluate and train print it."""
+    c = metrics.get("calibration")
+    if not c:
+        return ""
+    return (f" calibration: Spearman(|error|, std) {c['spearman']:.3f}, within 1 std {c['within_1sigma']:.3f},"
+            f" within 2 std {c['within_2sigma']:.3f}")
+
+
+def _load_multitask(sources: tuple[str, ...], targets: tuple[str, ...], opts: dict):
+    """Several datasets (or named tasks) as one multi-task set (``data.multitask``)."""
+    from .data.multitask import load_multitask
+    from .errors import CrystalformerError
+
+    for option, hint in (("split_file", "--split-file"), ("split_rule", "--split-rule")):
+        if opts[option] is not None:  # a multi-task run keeps each dataset's own split
+            raise click.BadParameter("applies to one dataset; a multi-task run keeps each dataset's own split "
+                                     "and draws --val-fraction from those without one", param_hint=hint)
+    try:
+        return load_multitask(list(sources), list(targets), data_dir=opts["data_dir"], val_fraction=opts["val_fraction"],
+                              seed=opts["seed"], structure_column=opts["structure_column"], id_column=opts["id_column"],
+                              primitive=opts["primitive"], cache_dir=opts["cache_dir"])
+    except CrystalformerError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _task_weights(items: tuple[str, ...], targets: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    weights = []
+    for item in items:
+        name, sep, value = item.rpartition(":")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or name not in targets or not weight >= 0:
+            raise click.BadParameter(f"{item!r}: expected TASK:WEIGHT (weight >= 0) with TASK one of {list(targets)}",
+                                     param_hint="--task-weight")
+        weights.append((name, weight))
+    return tuple(weights)
 
 
 def training_options(func):
     options = [
-        click.option("--target", "targets", multiple=True, required=True, help="Target column (repeatable); 'energy' trains total energy per atom."),
+        click.option("--target", "targets", multiple=True, required=True, help="Target column (repeatable); 'energy' trains total energy per atom. With several --data: TASK=DATA:COLUMN names a task and where its labels come from (one TASK from several DATA pools labels of one scheme, e.g. band_gap@mp=mp20:band_gap band_gap@mp=mp-li:band_gap); a plain COLUMN must belong to one dataset only. Structures keep only the labels they have."),
+        click.option("--task-weight", "task_weights", multiple=True, help="TASK:WEIGHT in the loss (default 1 each; the loss is the weighted mean of each task's mean L1)."),
+        click.option("--val-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Several --data: the validation share of datasets without a split of their own (MEGNet val/test ids and the shipped models' test ids never train)."),
         click.option("--transform", "transforms", multiple=True, help="TARGET:log10 to learn log10 of a positive target."),
         click.option("--unit", "units", multiple=True, help="TARGET:UNIT where the data does not say (e.g. k_vrh:GPa)."),
         click.option("--as-energy", multiple=True, help="A per-atom energy target (eV/atom, e.g. e_form) that the ASE calculator turns into energy, forces and stress."),
@@ -389,6 +475,7 @@ def training_options(func):
         click.option("--stress-weight", default=0.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³)."),
         click.option("--progress/--no-progress", default=True, show_default=True),
         click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes that collate batches."),
+        click.option("--committee", default=1, show_default=True, type=click.IntRange(min=1), help="Train this many members (runs OUT/member-k, seed + k: own initialisation and data order) and save their final models (SWA, or best validation without SWA) as one committee in OUT/committee, whose spread is the uncertainty (>= 5 recommended)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -396,7 +483,7 @@ def training_options(func):
 
 
 @main.command()
-@data_options
+@data_options(multiple=True)
 @training_options
 @click.option("--cutoff", default=10.0, show_default=True, help="Window radius in Å.")
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
@@ -417,7 +504,7 @@ def train(cutoff: float, blocks: int, activation: str, domain: str, **opts) -> N
 @main.command()
 @click.option("--from", "init_from", required=True, help="Trained model name or checkpoint path.")
 @click.option("--freeze-encoder", is_flag=True, help="Train only the head MLP.")
-@data_options
+@data_options(multiple=True)
 @training_options
 def finetune(init_from: str, freeze_encoder: bool, **opts) -> None:
     """Fine-tune a trained model (a new head when the targets differ)."""
@@ -428,12 +515,17 @@ def finetune(init_from: str, freeze_encoder: bool, **opts) -> None:
 @click.option("--model", "model_name", required=True, help="Model name or checkpoint path.")
 @data_options
 @click.option("--split", "which", type=click.Choice(["train", "val", "test", "all"]), help="Default: test when the source defines splits, else all.")
+@click.option("--task", "tasks", multiple=True, help="TARGET=COLUMN: score the model's TARGET on the dataset's COLUMN (e.g. a multi-task model's e_form@megnet=e_form); with --task only the named targets are scored.")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Write predictions.csv and parity.png here.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @device_option
 def evaluate(model_name, source, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir,
-             which, out_dir, batch_size, device):
-    """MAE, RMSE and R² of a model on a dataset split, a per-structure CSV and a parity plot."""
+             which, tasks, out_dir, batch_size, device):
+    """MAE, RMSE and R² of a model on a dataset split, a per-structure CSV and a parity plot.
+
+    For a committee also the calibration of its std: Spearman's rank correlation of |error|
+    with std and the fractions of errors within 1 and 2 std.
+    """
     from .checkpoint import load_model
     from .errors import CrystalformerError
     from .evaluation import evaluate as run_evaluation
@@ -444,23 +536,37 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
     names = [t.name for t in model.config.targets]
-    dataset = _load(source, names, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir)
+    mapping = {}
+    for item in tasks:
+        name, sep, column = item.partition("=")
+        if not sep or name not in names or not column:
+            raise click.BadParameter(f"{item!r}: expected TARGET=COLUMN with TARGET one of {names}", param_hint="--task")
+        mapping[name] = column
+    columns = list(mapping.values()) if mapping else names
+    dataset = _load(source, columns, data_dir, structure_column, id_column, split_file, split_rule, primitive, cache_dir)
+    if mapping:  # the dataset's columns under the model's target names
+        for record in dataset.records:
+            record.targets = {name: record.targets[c] for name, c in mapping.items() if c in record.targets}
+        dataset.units = {name: dataset.units.get(c, "") for name, c in mapping.items()}
     which = which or ("test" if dataset.splits.get("test") else "all")
     try:
         metrics, table, skipped = run_evaluation(model, dataset, which, batch_size=batch_size)
     except CrystalformerError as err:
         raise click.ClickException(str(err)) from err
     for spec in model.config.targets:
+        if mapping and spec.name not in mapping:
+            continue
         m = metrics[spec.name]
         unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
-        click.echo(f"{spec.name} [{which}, n={m['n']}]: MAE {m['mae']:.4g} {unit}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.4f}")
+        click.echo(f"{spec.name} [{which}, n={m['n']}]: MAE {m['mae']:.4g} {unit}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.4f}"
+                   + _calibration_text(m))
     if skipped:
         click.echo(f"skipped {len(skipped)} structures: " + "; ".join(f"{i}: {r}" for i, r in skipped[:5]))
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "predictions.csv", index=False)
-        parity_plot(table, [t.name for t in model.config.targets], out / "parity.png", title=Path(str(model_name)).name)
+        parity_plot(table, [t.name for t in model.config.targets if not mapping or t.name in mapping], out / "parity.png", title=Path(str(model_name)).name)
         (out / "metrics.json").write_text(json.dumps({"split": which, "metrics": metrics}, indent=2))
         click.echo(f"wrote {out / 'predictions.csv'}, {out / 'parity.png'}")
 
@@ -545,12 +651,13 @@ def _featurize_part(featurizer, job: tuple) -> tuple:
 @click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output table (.csv, .json or .parquet).")
 @click.option("--model", "model_name", help="Model name or checkpoint path; default: the first shipped model.")
 @click.option("--mode", type=click.Choice(["embedding", "predictions", "both"]), default="embedding", show_default=True)
+@click.option("--pooling", default="mean", show_default=True, help="Statistics of the atom features in the embedding, comma-separated from mean, max, min, std (e.g. mean,max,min,std: 4 x d columns).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @device_option
 @click.option("--ignore-errors", is_flag=True, help="Give failing rows NaN features and an error column instead of stopping.")
 @click.option("--keep-structure", is_flag=True, help="Keep the structure column of a table in the output.")
 @workers_option
-def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, batch_size: int,
+def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, mode: str, pooling: str, batch_size: int,
               device: str, ignore_errors: bool, keep_structure: bool, workers: int) -> None:
     """Add Crystalformer features (embedding and/or predictions) to every structure of IN.
 
@@ -566,7 +673,11 @@ def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, 
     from .workers import ordered_map
 
     table, entries, from_table = _featurize_read(infile, column, ignore_errors)
-    featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size)
+    try:
+        featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size,
+                                             pooling=[p.strip() for p in pooling.split(",")])
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--pooling") from err
     try:
         labels = featurizer.feature_labels()
         # Unreadable rows too (they fail again, as None), so that "structure k" in a message is row k.

@@ -208,8 +208,13 @@ class TrainConfig:
     force_weight: float = 0.0
     stress_weight: float = 0.0
     eval_batch_size: int = 128
+    #: (target name, weight) pairs; a target not named weighs 1. The loss is the weighted
+    #: mean over targets of each target's mean L1 over the structures that have its label.
+    task_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if any(not w >= 0 for _, w in self.task_weights):
+            raise ValueError(f"task weights must be >= 0, got {dict(self.task_weights)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if not 0 <= self.swa_epochs <= self.epochs:
@@ -228,4 +233,5 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
         data["betas"] = tuple(data.get("betas", (0.9, 0.98)))
+        data["task_weights"] = tuple((str(n), float(w)) for n, w in data.get("task_weights", ()))
         return cls(**data)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .committee import Committee, calibration
 from .data import Dataset
 from .errors import DataError
 from .geometry import collate
@@ -51,18 +52,29 @@ def regression_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 def evaluate(
     model: Crystalformer, dataset: Dataset, split: str = "test", *, batch_size: int = 64
 ) -> tuple[dict[str, dict[str, float]], pd.DataFrame, list[tuple[str, str]]]:
-    """Metrics per target, a per-structure table and the skipped (id, reason) pairs."""
+    """Metrics per target, a per-structure table and the skipped (id, reason) pairs.
+
+    For a committee, also each structure's std (``<target>_std``) and the calibration of
+    the errors by it (``committee.calibration``), in training space as the MAE.
+    """
     examples, skipped = make_examples(
         dataset, split_indices(dataset, split), model.config.targets, model.config.cutoff
     )
     model.eval()
-    preds = []
+    preds, stds = [], []
+    committee = isinstance(model, Committee)
     with torch.no_grad():
         for k in range(0, len(examples), batch_size):
             batch = collate([e.window for e in examples[k : k + batch_size]], model.dtype).to(model.device)
-            out = model(batch)
-            preds.append((out * model.target_std + model.target_mean).cpu().numpy())
+            if committee:  # mean and std in training space
+                mean, std = model.mean_std(batch)
+                preds.append(mean.cpu().numpy())
+                stds.append(std.cpu().numpy())
+            else:
+                out = model(batch)
+                preds.append((out * model.target_std + model.target_mean).cpu().numpy())
     pred = np.concatenate(preds) if preds else np.zeros((0, len(model.config.targets)))
+    std = np.concatenate(stds) if stds else np.zeros_like(pred)
     true = np.stack([e.y for e in examples]) if examples else np.zeros_like(pred)
     table = pd.DataFrame({"id": [e.id for e in examples]})
     metrics = {}
@@ -72,6 +84,9 @@ def evaluate(
         if spec.transform == "log10":
             table[f"{spec.name}_pred_raw"] = 10.0 ** pred[:, t]
         metrics[spec.name] = regression_metrics(true[:, t], pred[:, t])
+        if committee:
+            table[f"{spec.name}_std"] = std[:, t]
+            metrics[spec.name]["calibration"] = calibration(pred[:, t] - true[:, t], std[:, t])
     return metrics, table, skipped
 
 

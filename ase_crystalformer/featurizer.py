@@ -52,12 +52,15 @@ from . import inference
 from .domain import warn_outside
 from .errors import missing_extra
 from .geometry import build_window, collate
+from .committee import Committee
 from .inference import (
     CRYSTALFORMER_BIBTEX,
+    Model,
     ModelSpec,
     eval_mode,
     load_models,
     resolve_device,
+    std_property,
     target_properties,
 )
 from .model import Crystalformer
@@ -82,7 +85,10 @@ if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
     os.register_at_fork(after_in_child=_mark_forked)
 
 Mode = Literal["embedding", "predictions", "both"]
-_SETTINGS = ("model", "mode", "device")  # what the features depend on (batch_size does not)
+_SETTINGS = ("model", "mode", "device", "pooling")  # what the features depend on (batch_size does not)
+#: Statistics over a crystal's atoms that the embedding can keep; "mean" is the vector the
+#: prediction head reads.
+POOLINGS = ("mean", "max", "min", "std")
 _SKIP_HINT = (
     "\nTO SKIP THESE ERRORS when featurizing specific compounds, set 'ignore_errors=True' "
     "when running the batch featurize() operation (e.g., featurize_many(), "
@@ -115,13 +121,23 @@ class CrystalformerFeaturizer(BaseFeaturizer):
     (``None``: the first shipped model); it is loaded on first use.
 
     Features:
-        crystalformer emb <k>: component k of the mean-pooled atom features after the last
-            attention block (the vector the prediction head reads), for mode "embedding" or
-            "both". Unitless; d = ``model.config.d_model`` columns.
+        crystalformer emb <k>: component k of the mean over atoms of the atom features
+            after the last attention block (the vector the prediction head reads), for mode
+            "embedding" or "both" with "mean" in ``pooling`` (the default). Unitless;
+            d = ``model.config.d_model`` columns.
+        crystalformer emb <stat> <k>: the same atom features' max, min or std (population,
+            over the crystal's atoms; 0 for one atom) when ``pooling`` names them: e.g.
+            ``pooling=("mean", "max", "min", "std")`` gives 4·d columns that keep how the
+            atoms differ, which the mean alone averages away.
         crystalformer <property>: the model's prediction of each of its targets, named as
             by the ASE calculator (e.g. ``formation_energy_per_atom`` in eV/atom,
             ``band_gap`` in eV, ``bulk_modulus_vrh`` in GPa; see
             ``inference.TARGET_ALIASES``), for mode "predictions" or "both".
+        crystalformer <property>_std: for a committee (``committee.Committee``), its
+            members' sample std (ddof=1) of that prediction, in the target's training space
+            (log10 units for a log10 target), after each prediction column.
+
+    With a committee, the embedding is its first member's.
 
     The embedding is a fixed transfer-learning feature: its quality for a property the
     model was not trained on is an empirical question (``examples/featurize_and_fit.py``).
@@ -144,25 +160,30 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         mode: Mode = "embedding",
         device: str = "auto",
         batch_size: int = 64,
+        pooling: Sequence[str] = ("mean",),
     ) -> None:
         if mode not in ("embedding", "predictions", "both"):
             raise ValueError(f"mode={mode!r}; use 'embedding', 'predictions' or 'both'")
+        pooling = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+        if not pooling or any(p not in POOLINGS for p in pooling) or len(set(pooling)) != len(pooling):
+            raise ValueError(f"pooling={pooling!r}; use distinct names from {POOLINGS}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.mode = mode
         self.device = device
         self.batch_size = batch_size
-        self._loaded: tuple[Any, Any, Crystalformer] | None = None
+        self.pooling = pooling
+        self._loaded: tuple[Any, Any, Model] | None = None
 
     # -------------------------------------------------------------------- model handling
-    def _get_model(self) -> Crystalformer:
+    def _get_model(self) -> Model:
         """The model for the current ``model``/``device`` settings (reloaded if they change)."""
         if _forked and torch.get_num_threads() > 1:
             torch.set_num_threads(1)  # the OpenMP pool did not survive the fork (module docstring)
         if self._loaded is None or self._loaded[0] is not self.model or self._loaded[1] != self.device:
             device = resolve_device(self.device)
-            dtype = self.model.dtype if isinstance(self.model, Crystalformer) else torch.float32
+            dtype = self.model.dtype if isinstance(self.model, (Crystalformer, Committee)) else torch.float32
             # None: the first shipped model only (load_models(None) would load them all).
             spec = self.model if self.model is not None else (inference.list_models()[:1] or None)
             label, model = load_models(spec, device, dtype)[0]
@@ -248,9 +269,14 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         model = self._get_model()
         labels: list[str] = []
         if self.mode in ("embedding", "both"):
-            labels += [f"crystalformer emb {k}" for k in range(model.config.d_model)]
+            for stat in self.pooling:
+                prefix = "crystalformer emb" if stat == "mean" else f"crystalformer emb {stat}"
+                labels += [f"{prefix} {k}" for k in range(model.config.d_model)]
         if self.mode in ("predictions", "both"):
-            labels += [f"crystalformer {t.name}" for t in target_properties([("model", model)])]
+            for t in target_properties([("model", model)]):
+                labels.append(f"crystalformer {t.name}")
+                if isinstance(model, Committee):
+                    labels.append(f"crystalformer {std_property(t)[0]}")
         return labels
 
     def citations(self) -> list[str]:
@@ -385,15 +411,23 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         atoms = to_atoms(row[0])
         return build_window(atoms, model.config.cutoff, describe(atoms, index))
 
-    def _run(self, model: Crystalformer, windows: list[Any]) -> list[list[float]]:
+    def _run(self, model: Model, windows: list[Any]) -> list[list[float]]:
         batch = collate(windows, model.dtype).to(model.device)
         with eval_mode([model]), torch.no_grad():
-            emb = model.embed(batch)  # (B, d)
+            network = model.members[0] if isinstance(model, Committee) else model
+            atoms = network.atom_features(batch)  # (N, d)
+            pooled = pool_atoms(atoms, batch.crystal, batch.n_crystals, self.pooling)
             parts = []
             if self.mode in ("embedding", "both"):
-                parts.append(emb)
+                parts += pooled
             if self.mode in ("predictions", "both"):
-                parts.append(model.targets(model.head(emb)))  # (B, T)
+                if isinstance(model, Committee):  # mean and std interleaved, per target
+                    mean, std = model.mean_std(batch)
+                    out = model.targets((mean - model.target_mean) / model.target_std)
+                    parts.append(torch.stack([out, std], dim=2).flatten(1))  # (B, 2T)
+                else:
+                    emb = pooled[self.pooling.index("mean")] if "mean" in self.pooling else network.embed(batch)
+                    parts.append(model.targets(model.head(emb)))  # (B, T)
             values = torch.cat(parts, dim=1).to("cpu", torch.float64).numpy()
         return [row.tolist() for row in values]
 
@@ -430,6 +464,26 @@ def _fingerprint(row: tuple[Any, ...]) -> bytes | None:
                  np.asarray(atoms.cell, dtype=np.float64), np.asarray(atoms.pbc, dtype=bool)):
         digest.update(np.ascontiguousarray(part).tobytes())
     return digest.digest()
+
+
+def pool_atoms(x: torch.Tensor, crystal: torch.Tensor, n_crystals: int, stats: Sequence[str]) -> list[torch.Tensor]:
+    """Per-crystal statistics (each (B, d)) of atom features ``x`` (N, d), atoms assigned
+    to crystals by ``crystal`` (N,): mean, max, min, population std, in ``stats`` order."""
+    index = crystal[:, None].expand_as(x)
+    counts = torch.zeros(n_crystals, 1, dtype=x.dtype, device=x.device).index_add_(
+        0, crystal, torch.ones_like(x[:, :1]))
+    mean = x.new_zeros(n_crystals, x.shape[1]).index_add_(0, crystal, x) / counts
+    out = []
+    for stat in stats:
+        if stat == "mean":
+            out.append(mean)
+        elif stat in ("max", "min"):
+            fill = x.new_full((n_crystals, x.shape[1]), -torch.inf if stat == "max" else torch.inf)
+            out.append(fill.scatter_reduce(0, index, x, reduce="amax" if stat == "max" else "amin"))
+        else:
+            squares = x.new_zeros(n_crystals, x.shape[1]).index_add_(0, crystal, (x - mean[crystal]) ** 2)
+            out.append((squares / counts).sqrt())
+    return out
 
 
 def _reraise(err: BaseException) -> None:

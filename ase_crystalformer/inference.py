@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import list_models, load_model
+from .checkpoint import COMMITTEE_FILE, list_models, load_model
+from .committee import Committee
 from .config import TargetSpec
 from .errors import CheckpointError
 from .model import Crystalformer
@@ -36,7 +37,9 @@ CRYSTALFORMER_BIBTEX = """@inproceedings{taniai2024crystalformer,
 }"""
 
 DTypeName = Literal["float32", "float64"]
-ModelSpec = str | Path | Crystalformer
+ModelSpec = str | Path | Crystalformer | Committee
+#: What a loaded model is: a network, or a committee of them (mean and std).
+Model = Crystalformer | Committee
 
 #: Normalised training name -> (property name, unit). Keys are lower case with spaces and
 #: hyphens turned into underscores. Distinct quantities keep distinct names (the JARVIS
@@ -108,10 +111,12 @@ def resolve_dtype(dtype: DTypeName | torch.dtype) -> torch.dtype:
 
 def model_label(spec: ModelSpec, index: int) -> str:
     """A short name for a model: its shipped name, its checkpoint folder, or model<index>."""
-    if isinstance(spec, Crystalformer):
+    if isinstance(spec, (Crystalformer, Committee)):
         name = spec.metadata.get("name")
         return str(name) if name else f"model{index}"
     path = Path(spec)
+    if path.name == COMMITTEE_FILE:
+        return path.parent.name
     if path.suffix == ".safetensors":
         return path.parent.name if path.stem == "model" else path.stem
     return path.name
@@ -121,8 +126,8 @@ def load_models(
     spec: ModelSpec | Sequence[ModelSpec] | None,
     device: torch.device,
     dtype: torch.dtype,
-) -> list[tuple[str, Crystalformer]]:
-    """Resolve ``spec`` into labelled models on ``device``/``dtype``.
+) -> list[tuple[str, Model]]:
+    """Resolve ``spec`` into labelled models (networks or committees) on ``device``/``dtype``.
 
     ``None`` means every shipped model. A ``Crystalformer`` passed in is used as is when it
     already sits on ``device``/``dtype``; otherwise a copy is moved, so the caller's model
@@ -135,15 +140,15 @@ def load_models(
                 "no model given and no shipped model found; pass model=<name, checkpoint path "
                 "or Crystalformer>, or point CRYSTALFORMER_MODELS at a folder of checkpoints"
             )
-    elif isinstance(spec, (str, Path, Crystalformer)):
+    elif isinstance(spec, (str, Path, Crystalformer, Committee)):
         names = [spec]
     else:
         names = list(spec)
         if not names:
             raise ValueError("model=[] names no model; pass at least one")
-    out: list[tuple[str, Crystalformer]] = []
+    out: list[tuple[str, Model]] = []
     for index, item in enumerate(names):
-        if isinstance(item, Crystalformer):
+        if isinstance(item, (Crystalformer, Committee)):
             model = item
             if model.device != device or model.dtype != dtype:
                 model = copy.deepcopy(model).to(device=device, dtype=dtype)
@@ -151,7 +156,7 @@ def load_models(
             model = load_model(item, device=device).to(dtype=dtype)
         else:
             raise TypeError(
-                f"model {index}: expected a model name, a checkpoint path or a Crystalformer, "
+                f"model {index}: expected a model name, a checkpoint path, a Crystalformer or a Committee, "
                 f"got {type(item).__name__}"
             )
         out.append((model_label(item, index), model))
@@ -164,8 +169,11 @@ def _sanitise(label: str) -> str:
 
 def property_name(target: TargetSpec) -> tuple[str, str]:
     """The ASE-style name and unit of one training target (before de-duplication)."""
-    key = re.sub(r"[\s\-]+", "_", target.name.strip().lower())
-    name, unit = TARGET_ALIASES.get(key, (target.name, ""))
+    base, _, scheme = target.name.partition("@")  # a multi-task label scheme: e_form@megnet
+    key = re.sub(r"[\s\-]+", "_", base.strip().lower())
+    name, unit = TARGET_ALIASES.get(key, (base, ""))
+    if scheme:
+        name = f"{name}_{_sanitise(scheme)}" if key in TARGET_ALIASES else target.name
     if name in RESERVED_NAMES:
         name = "energy_per_atom" if target.kind == "energy" else f"{name}_prediction"
     if target.kind == "energy":
@@ -188,6 +196,14 @@ def target_properties(models: Sequence[tuple[str, Crystalformer]]) -> list[Targe
             taken.add(name)
             out.append(TargetProperty(name, unit, m, column, target))
     return out
+
+
+def std_property(prop: TargetProperty) -> tuple[str, str]:
+    """Name and unit of a committee's std of ``prop`` (``<name>_std``): in the target's
+    training space, so log10 units for a log10 target (``committee`` module)."""
+    if prop.target.transform == "log10":
+        return f"{prop.name}_std", f"log10({prop.unit})" if prop.unit else "log10"
+    return f"{prop.name}_std", prop.unit
 
 
 @contextmanager

@@ -192,6 +192,13 @@ class Trainer:
         self.best_val = float("inf")
         self.wall_time = 0.0
         self.history: list[dict[str, Any]] = []  # the log.jsonl lines of completed epochs
+        weights = dict(config.task_weights)
+        unknown = set(weights) - set(model.config.target_names)
+        if unknown:
+            raise ValueError(f"task weights for {sorted(unknown)}, which are not targets "
+                             f"({model.config.target_names})")
+        self.task_weights = torch.tensor([weights.get(n, 1.0) for n in model.config.target_names],
+                                         dtype=model.dtype, device=device)
         self.network: nn.Module = model
         if self.world > 1:
             self.network = nn.parallel.DistributedDataParallel(model)
@@ -302,8 +309,12 @@ class Trainer:
         else:
             outputs = self.network(batch)
         target = (y - self.model.target_mean) / self.model.target_std
+        # Each target's mean L1 over the structures that have its label, then their
+        # weighted mean: a structure adds only its own labels (missing ones are NaN).
         known = torch.isfinite(target)
-        loss = (outputs - target.nan_to_num()).abs()[known].mean()
+        error = (outputs - target.nan_to_num()).abs().where(known, 0.0)
+        per_task = error.sum(0) / known.sum(0).clamp(min=1)
+        loss = (self.task_weights * per_task).sum() / self.task_weights.sum().clamp(min=1e-12)
         if wants_forces:
             ref = torch.as_tensor(np.concatenate([e.forces for e in examples]), dtype=y.dtype, device=self.device)
             loss = loss + c.force_weight * (out["forces"] - ref).abs().mean()
@@ -349,7 +360,9 @@ class Trainer:
                 "structures_per_s": seen / (time.perf_counter() - start)}
 
     def validate(self, model: Crystalformer | None = None) -> dict[str, float]:
-        """Mean normalised L1 (the paper's val/loss) and MAE per target in target units.
+        """Normalised L1 (the paper's val/loss; over several targets the task-weighted mean
+        of each target's mean, over the targets with validation labels) and MAE per target
+        in target units.
 
         Under DDP each rank predicts its share of the validation set and the error sums are
         all-reduced, so every rank gets the same numbers for a 1/world of the work.
@@ -359,8 +372,8 @@ class Trainer:
             return {}
         model.eval()
         n_targets = len(model.config.targets)
-        # [Σ|normalised error|, n known values, then Σ|error| and n known per target]
-        sums = torch.zeros(2 + 2 * n_targets, dtype=torch.float64, device=self.device)
+        # per target: Σ|normalised error|, Σ|error|, n known
+        sums = torch.zeros(3 * n_targets, dtype=torch.float64, device=self.device)
         shard = self.val_set[self.rank :: self.world]
         with torch.no_grad():
             for k in range(0, len(shard), self.config.eval_batch_size):
@@ -370,17 +383,18 @@ class Trainer:
                 known = torch.isfinite(norm)
                 # MAE in the (transformed) training space, which is what the paper reports.
                 error = (out * model.target_std + model.target_mean - y).abs().where(known, 0.0)
-                sums[0] += (out - norm).abs()[known].sum().double()
-                sums[1] += known.sum()
-                sums[2 : 2 + n_targets] += error.sum(0).double()
-                sums[2 + n_targets :] += known.sum(0)
+                sums[:n_targets] += (out - norm).abs().where(known, 0.0).sum(0).double()
+                sums[n_targets : 2 * n_targets] += error.sum(0).double()
+                sums[2 * n_targets :] += known.sum(0)
         if self.world > 1:
             torch.distributed.all_reduce(sums)
-        sums = sums.tolist()
-        result = {"val_loss": sums[0] / sums[1] if sums[1] else float("nan")}
+        norm_sum, error_sum, n = sums.view(3, n_targets)
+        weights = self.task_weights.double() * (n > 0)
+        per_task = norm_sum / n.clamp(min=1)
+        total = float(weights.sum())
+        result = {"val_loss": float((weights * per_task).sum()) / total if total else float("nan")}
         for t, spec in enumerate(model.config.targets):
-            n = sums[2 + n_targets + t]
-            result[f"val_mae_{spec.name}"] = sums[2 + t] / n if n else float("nan")
+            result[f"val_mae_{spec.name}"] = float(error_sum[t] / n[t]) if n[t] else float("nan")
         return result
 
     def fit(self) -> None:
@@ -452,7 +466,10 @@ def train(
             raise DataError("no usable training structure")
         # Also on resume (bit for bit the same): the state's buffers then replace these.
         y = np.stack([e.y for e in train_ex])
-        mean, std = np.nanmean(y, axis=0), np.nanstd(y, axis=0)  # population std
+        unlabelled = [s.name for s, col in zip(model.config.targets, y.T) if not np.isfinite(col).any()]
+        if unlabelled:
+            raise DataError(f"target(s) {unlabelled} have no label in the training split")
+        mean, std = np.nanmean(y, axis=0), np.nanstd(y, axis=0)  # population std, per target
         model.target_mean.copy_(torch.as_tensor(mean))
         model.target_std.copy_(torch.as_tensor(np.where(std > 0, std, 1.0)))
         metadata = {

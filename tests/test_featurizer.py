@@ -112,7 +112,7 @@ def test_single_structure_errors_are_raised_unchanged(model) -> None:
 
 def test_matminer_and_sklearn_contract(model, monkeypatch) -> None:
     feat = CrystalformerFeaturizer(model, mode="embedding", device="cpu", batch_size=8)
-    assert feat.get_params() == {"model": model, "mode": "embedding", "device": "cpu", "batch_size": 8}
+    assert feat.get_params() == {"model": model, "mode": "embedding", "device": "cpu", "batch_size": 8, "pooling": ("mean",)}
     assert clone(feat).batch_size == 8
     feat.set_n_jobs(4)
     assert feat.n_jobs == 1

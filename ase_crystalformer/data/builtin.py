@@ -299,6 +299,69 @@ def _load_elastic(root: Path) -> Source:
     )
 
 
+# -- mp-li, mp40, mp2015: MP structures with energies above hull ----------------------------
+
+
+def _mp_li_files(root: Path) -> list[Path]:
+    names = [*NPY_FILES, "dft_band_gap.json", "energy_above_hull.json"]
+    return _require(root, "mp-li", [f"mp_li/{s}/{f}" for s in ("train", "val") for f in names])
+
+
+def _load_mp_li(root: Path) -> Source:
+    """MatterGen's Li-containing MP caches (train + val parts, one entry per id); no split."""
+    entries, seen = [], set()
+    for sub in ("train", "val"):
+        folder = root / "mp_li" / sub
+        ids, make = _npy_cache(folder)
+        hull = _cache_labels(folder, "energy_above_hull.json", len(ids))
+        gap = _cache_labels(folder, "dft_band_gap.json", len(ids))
+        for i, rid in enumerate(ids):
+            if rid not in seen:
+                seen.add(rid)
+                targets = {"energy_above_hull": hull[i], "band_gap": gap[i]}
+                entries.append(Entry(rid, targets, partial(make, i)))
+    return Source(
+        "mp-li", entries, {"energy_above_hull": "eV/atom", "band_gap": "eV"},
+        provenance={"files": [str(p) for p in _mp_li_files(root)]},
+    )
+
+
+@dataclass(frozen=True)
+class MpCsv:
+    """MP structures in CSV files with a ``material_id`` column; the first row of an id wins."""
+
+    name: str
+    paths: Callable[[Path], list[Path]]
+    structure_column: str
+    units: dict[str, str]
+
+    def files(self, root: Path) -> list[Path]:
+        found = self.paths(root)
+        if not found:
+            raise DataError(f"{self.name}: data directory {root} (data_dir= or ${ENV_VAR}) lacks its files")
+        return found
+
+    def load(self, root: Path) -> Source:
+        entries, seen, duplicates = [], set(), 0
+        for path in self.files(root):
+            rows, _ = csv_entries(read_csv_frame(path), path, structure_column=self.structure_column,
+                                  id_column="material_id", target_columns=tuple(self.units))
+            for entry in rows:
+                if entry.id in seen:
+                    duplicates += 1
+                    continue
+                seen.add(entry.id)
+                entries.append(entry)
+        return Source(self.name, entries, dict(self.units), provenance={
+            "files": [str(p) for p in self.files(root)], "duplicate_ids_dropped": duplicates})
+
+
+MP40 = MpCsv("mp40", lambda root: sorted((root / "mp40").glob("part*.csv")), "cif",
+             {"energy_above_hull": "eV/atom", "band_gap": "eV"})
+MP2015_SET = MpCsv("mp2015", lambda root: [p for p in [root / MP2015] if p.is_file()], "structure",
+                   {"formation_energy_per_atom": "eV/atom", "e_above_hull": "eV/atom"})
+
+
 # -- registry -----------------------------------------------------------------------------
 
 
@@ -335,6 +398,9 @@ BUILTINS: dict[str, Builtin] = {
     "mp-elastic": Builtin(lambda root: _require(root, "mp-elastic", list(ELASTIC)), _load_elastic),
     "perov5": Builtin(PEROV5.files, PEROV5.load),
     "carbon24": Builtin(CARBON24.files, CARBON24.load),
+    "mp-li": Builtin(_mp_li_files, _load_mp_li),
+    "mp40": Builtin(MP40.files, MP40.load),
+    "mp2015": Builtin(MP2015_SET.files, MP2015_SET.load),
     "megnet": _jarvis_builtin("megnet"),
     "dft_3d_2021": _jarvis_builtin("dft_3d_2021"),
 }

@@ -134,6 +134,18 @@ def assemble(source: Source, options: Options) -> Dataset:
     return Dataset(source.name, records, splits, units, skipped, provenance)
 
 
+def split_ids(source: Source, options: Options) -> dict[str, list[str]]:
+    """The ids of each split that ``assemble`` would make, without parsing a structure.
+
+    Used to keep a source's held-out ids out of other datasets' training data even where
+    the structure itself would fail to parse.
+    """
+    wanted = _select_targets(source, options.targets)
+    entries, _, _ = _filter_targets(source.entries, wanted, options.targets is not None)
+    splits, _ = _make_splits(source, entries, options)
+    return {name: [entries[i].id for i in indices] for name, indices in splits.items()}
+
+
 def _select_targets(source: Source, targets: Sequence[str] | None) -> list[str]:
     available = list(source.units)
     if targets is None:
