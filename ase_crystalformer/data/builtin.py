@@ -8,7 +8,7 @@ a ``Source``; ``pipeline.assemble`` does the rest.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -160,22 +160,27 @@ def _mp20_files(root: Path) -> list[Path]:
     return _require(root, "mp20", [f"mp20/{s}/{f}" for s in ("val", "test") for f in names])
 
 
-def _load_mp20(root: Path) -> Source:
-    """MP-20 val + test caches with their own (newer MP) labels; the train part is not available."""
+def _npy_parts(root: Path, folder: str, parts: Sequence[str], labels: dict[str, str]) -> list[Entry]:
+    """Entries of a MatterGen numpy cache split into ``parts`` (one entry per id, the first
+    part's wins); ``labels`` maps each target to its JSON file."""
     entries, seen = [], set()
-    for sub in ("val", "test"):
-        folder = root / "mp20" / sub
-        ids, make = _npy_cache(folder)
-        e_form = _cache_labels(folder, "formation_energy_per_atom.json", len(ids))
-        gap = _cache_labels(folder, "dft_band_gap.json", len(ids))
+    for sub in parts:
+        path = root / folder / sub
+        ids, make = _npy_cache(path)
+        values = {t: _cache_labels(path, f, len(ids)) for t, f in labels.items()}
         for i, rid in enumerate(ids):
             if rid not in seen:
                 seen.add(rid)
-                targets = {"formation_energy_per_atom": e_form[i], "band_gap": gap[i]}
-                entries.append(Entry(rid, targets, partial(make, i)))
+                entries.append(Entry(rid, {t: v[i] for t, v in values.items()}, partial(make, i)))
+    return entries
+
+
+def _load_mp20(root: Path) -> Source:
+    """MP-20 val + test caches with their own (newer MP) labels; the train part is not available."""
+    labels = {"formation_energy_per_atom": "formation_energy_per_atom.json", "band_gap": "dft_band_gap.json"}
     return Source(
         "mp20",
-        entries,
+        _npy_parts(root, "mp20", ("val", "test"), labels),
         {"formation_energy_per_atom": "eV/atom", "band_gap": "eV"},
         provenance={"files": [str(p) for p in _mp20_files(root)]},
     )
@@ -309,19 +314,10 @@ def _mp_li_files(root: Path) -> list[Path]:
 
 def _load_mp_li(root: Path) -> Source:
     """MatterGen's Li-containing MP caches (train + val parts, one entry per id); no split."""
-    entries, seen = [], set()
-    for sub in ("train", "val"):
-        folder = root / "mp_li" / sub
-        ids, make = _npy_cache(folder)
-        hull = _cache_labels(folder, "energy_above_hull.json", len(ids))
-        gap = _cache_labels(folder, "dft_band_gap.json", len(ids))
-        for i, rid in enumerate(ids):
-            if rid not in seen:
-                seen.add(rid)
-                targets = {"energy_above_hull": hull[i], "band_gap": gap[i]}
-                entries.append(Entry(rid, targets, partial(make, i)))
+    labels = {"energy_above_hull": "energy_above_hull.json", "band_gap": "dft_band_gap.json"}
     return Source(
-        "mp-li", entries, {"energy_above_hull": "eV/atom", "band_gap": "eV"},
+        "mp-li", _npy_parts(root, "mp_li", ("train", "val"), labels),
+        {"energy_above_hull": "eV/atom", "band_gap": "eV"},
         provenance={"files": [str(p) for p in _mp_li_files(root)]},
     )
 
