@@ -31,8 +31,7 @@ from .checkpoint import COMMITTEE_FILE, read_checkpoint, save_checkpoint
 from .domain import warn_outside
 from .errors import CheckpointError
 from .geometry import Batch, collate, windows_for
-from .model import Crystalformer
-from .structures import as_atoms_list, check_all, primitive_cell
+from .model import Crystalformer, prediction_inputs
 
 FORMAT = "crystalformer-committee"
 FORMAT_VERSION = 1
@@ -107,10 +106,7 @@ class Committee(nn.Module):
         (module docstring: training space, ddof=1), of the same shape as the mean."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        atoms_list = as_atoms_list(structures)
-        if primitive:
-            check_all(atoms_list)
-            atoms_list = [primitive_cell(a) for a in atoms_list]
+        atoms_list = prediction_inputs(self.config, structures, primitive)
         windows = windows_for(atoms_list, self.config.cutoff)
         warn_outside(self.metadata.get("name", "committee"), self.metadata.get("domain"),
                      enumerate(a.numbers for a in atoms_list), len(atoms_list))

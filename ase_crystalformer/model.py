@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ase import Atoms
 from torch import nn
 
 from .attention import MAX_SLOTS, GaussianBasis, WindowGeometry, row_layout
@@ -181,11 +182,7 @@ class Crystalformer(nn.Module):
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        atoms_list = as_atoms_list(structures)
-        if primitive:
-            check_all(atoms_list)
-            atoms_list = [primitive_cell(a) for a in atoms_list]
-        check_periodic(self.config, atoms_list, (describe(a, i) for i, a in enumerate(atoms_list)))
+        atoms_list = prediction_inputs(self.config, structures, primitive)
         out = self.predict_windows(windows_for(atoms_list, self.config.cutoff), batch_size)
         return out[:, 0] if len(self.config.targets) == 1 else out
 
@@ -214,3 +211,14 @@ class Crystalformer(nn.Module):
             if switch:
                 self.train(was_training)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.config.targets)))
+
+
+def prediction_inputs(config: ModelConfig, structures: Any, primitive: bool) -> list[Atoms]:
+    """``structures`` as ASE atoms for a prediction: each reduced to its primitive cell when
+    asked, and refused when the model's reciprocal-space heads cannot take it (partial pbc)."""
+    atoms_list = as_atoms_list(structures)
+    if primitive:
+        check_all(atoms_list)
+        atoms_list = [primitive_cell(a) for a in atoms_list]
+    check_periodic(config, atoms_list, (describe(a, i) for i, a in enumerate(atoms_list)))
+    return atoms_list
