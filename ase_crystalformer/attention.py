@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .linear import Linear
 
 
 @dataclass
@@ -54,6 +55,7 @@ class WindowGeometry:
     pair_j: torch.Tensor  # (P,) long
     rbf: GaussianBasis | None = None  # makes the bases on demand when ``basis`` is None
     layout: RowLayout | None = None
+    crystal: torch.Tensor | None = None  # (N,) long, crystal of each atom (lets the torch path use CrystalBlocks)
 
     def basis_rows(self, a: int, b: int) -> torch.Tensor | None:
         """RBFs of query atoms a..b-1, (b-a, M, K); None when the model has K = 0."""
@@ -66,23 +68,89 @@ class WindowGeometry:
 class RowGroup:
     """Query atoms of similar window size, padded only to the longest of them.
 
-    ``pair`` indexes the chunk's pairs; padded slots point at an extra pair (index Pc)
-    whose logit is −inf, so no mask is applied per layer.
+    Each slot indexes the pair (i, j) it belongs to: with ``pair``, a row of the chunk's
+    (Pc, H) pair list; with ``blocks`` (the chunk's ``CrystalBlocks``), entry (i, j) of
+    its crystal's (H, S, S) score matrix. Padded slots point one past the end, at an
+    extra entry whose logit is −inf, so no mask is applied per layer.
     """
 
     start: int  # rows start..stop-1 of the chunk
     stop: int
     d2: torch.Tensor  # (n, m)
-    pair: torch.Tensor  # (n, m) long
+    pair: torch.Tensor  # (n, m) long: chunk pair of each slot (Pc on padding); with blocks, position
+    # of the slot's atom j in its crystal (−1 on padding)
     basis: torch.Tensor | None = None  # (n, m, K), when precomputed
+    blocks: CrystalBlocks | None = None
+    row_base: torch.Tensor | None = None  # (n,) with blocks: one-head score entry of the row's crystal
+    row_stride: torch.Tensor | None = None  # (n,) with blocks: S of the row's crystal
+    row_offset: torch.Tensor | None = None  # (n,) with blocks: i·S, i the row's place in its crystal
     _flat: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def flat_index(self, heads: int) -> torch.Tensor:
-        """(n, H, m) index into a flattened (Pc + 1, H) pair tensor (made once per H)."""
+        """(n, H, m) index into the chunk's flattened scores (made once per H)."""
         if heads not in self._flat:
             h = torch.arange(heads, device=self.pair.device)
-            self._flat[heads] = self.pair[:, None, :] * heads + h[None, :, None]
+            if self.blocks is None:
+                self._flat[heads] = self.pair[:, None, :] * heads + h[None, :, None]
+            else:
+                # Crystal c's scores are (H, S, S), starting at H × its one-head entry.
+                s = self.row_stride[:, None, None]
+                base = heads * self.row_base[:, None, None] + (self.row_offset[:, None, None] + h[None, :, None] * s * s)
+                index = base + self.pair[:, None, :]
+                self._flat[heads] = torch.where(self.pair[:, None, :] < 0, heads * self.blocks.entries, index)
         return self._flat[heads]
+
+
+@dataclass
+class CrystalBlocks:
+    """The chunk's crystals as dense blocks: crystals of similar size padded to a common S.
+
+    With all pairs (i, j) of a crystal present, as in every cell that fits in the window
+    a few times, one (H, S, S) matmul per block gives every q_i·k_j, and one more every
+    Σ_j a_ij v_j, which costs far less than gathering q and k for each pair separately.
+    Atoms are laid out block by block, crystal by crystal, in ``C_b·S_b`` slots per block.
+    """
+
+    sizes: list[int]  # S_b
+    counts: list[int]  # C_b
+    slot: torch.Tensor | None  # (N,) long, slot of each atom; None when slots are the atoms in order
+    row_slot: torch.Tensor | None  # (n_c,) long, slot of each chunk row; None when the same as the rows
+    position: torch.Tensor  # (N,) long, each atom's place in its crystal
+    size_of: torch.Tensor  # (B,) long, S of each crystal's block
+    entry_of: torch.Tensor  # (B,) long, one-head score entry of each crystal's (0, 0)
+
+    @property
+    def entries(self) -> int:
+        """Score entries per head, Σ_b C_b·S_b²."""
+        return sum(c * s * s for c, s in zip(self.counts, self.sizes, strict=True))
+
+    def padded(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-atom x (N, H, d) as one (C_b, H, S_b, d) tensor per block (zeros on padding)."""
+        if self.slot is not None:
+            total = sum(c * s for c, s in zip(self.counts, self.sizes, strict=True))
+            x = x.new_zeros(total, *x.shape[1:]).index_copy(0, self.slot, x)
+        out, a = [], 0
+        for c, s in zip(self.counts, self.sizes, strict=True):
+            out.append(x[a : a + c * s].view(c, s, *x.shape[1:]).transpose(1, 2))
+            a += c * s
+        return out
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q_i·k_j/√dh of every pair in every block, flattened, + a −inf entry at the end."""
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        parts = [torch.matmul(qb * scale, kb.transpose(-1, -2)).reshape(-1)
+                 for qb, kb in zip(self.padded(q), self.padded(k), strict=True)]
+        return torch.cat([*parts, q.new_full((1,), float("-inf"))])
+
+    def values(self, weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Σ_j a_ij v_j (n_c, H, dh) of the chunk rows, from the flattened pair weights."""
+        heads, out, e = v.shape[1], [], 0
+        for c, s, vb in zip(self.counts, self.sizes, self.padded(v), strict=True):
+            a = weight[e : e + c * heads * s * s].view(c, heads, s, s)
+            out.append(torch.matmul(a, vb).transpose(1, 2).reshape(c * s, heads, -1))
+            e += c * heads * s * s
+        x = out[0] if len(out) == 1 else torch.cat(out)
+        return x if self.row_slot is None else x.index_select(0, self.row_slot)
 
 
 @dataclass
@@ -90,10 +158,11 @@ class RowChunk:
     """Query atoms handled at once (one checkpointed unit under autograd) and their pairs."""
 
     rows: torch.Tensor  # (n_c,) long, the atoms, longest windows first
-    pair_i: torch.Tensor  # (Pc,) long, atom i of each pair of these rows
-    pair_j: torch.Tensor  # (Pc,) long
-    pair_row: torch.Tensor  # (Pc,) long, position of pair_i in ``rows``
+    pair_i: torch.Tensor | None  # (Pc,) long, atom i of each pair of these rows (None with blocks)
+    pair_j: torch.Tensor | None  # (Pc,) long
+    pair_row: torch.Tensor | None  # (Pc,) long, position of pair_i in ``rows``
     groups: list[RowGroup]
+    blocks: CrystalBlocks | None = None
 
 
 @dataclass
@@ -122,10 +191,14 @@ def row_layout(
     pair_j: torch.Tensor,
     max_slots: int | None = None,
     rbf: GaussianBasis | None = None,
+    crystal: torch.Tensor | None = None,
+    neighbor: torch.Tensor | None = None,
 ) -> RowLayout:
     """Sort query atoms by window size; chunks of at most ``max_slots`` padded slots.
 
-    With ``rbf`` the groups' bases are made here, once for all layers.
+    With ``rbf`` the groups' bases are made here, once for all layers. With ``crystal``
+    and ``neighbor`` (atom j of each slot), a window in one chunk whose crystals are dense
+    in pairs gets ``CrystalBlocks``.
     """
     n, m = mask.shape
     device = mask.device
@@ -139,19 +212,39 @@ def row_layout(
     else:
         order = torch.argsort(width, descending=True, stable=True)
         widths = width[order].tolist()
-    counts = torch.bincount(pair_i, minlength=n)  # pairs of each atom (sorted by i)
-    starts = torch.cumsum(counts, 0) - counts
-    chunks, a = [], 0
+    bounds, a = [], 0
     while a < n:
         b = a + max(1, budget // max(max(widths) if in_order else widths[a], 1))
-        chunks.append(_row_chunk(d2, mask, pair, pair_i, pair_j, order[a:b], widths[a:b], counts, starts, rbf))
+        bounds.append((a, min(b, n)))
         a = b
+    blocks = None
+    if crystal is not None and neighbor is not None and len(bounds) == 1:
+        blocks = _crystal_blocks(crystal, len(pair_i), None if in_order else order)
+    if blocks is not None:
+        chunks = [_block_chunk(d2, mask, neighbor, crystal, order, widths, blocks, rbf)]
+    else:
+        counts = torch.bincount(pair_i, minlength=n)  # pairs of each atom (sorted by i)
+        starts = torch.cumsum(counts, 0) - counts
+        chunks = [_row_chunk(d2, mask, pair, pair_i, pair_j, order[a:b], widths[a:b], counts, starts, rbf)
+                  for a, b in bounds]
     if in_order:
         inverse = None
     else:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n, device=device)
     return RowLayout(chunks, inverse)
+
+
+def _groups(widths: list[int]) -> list[tuple[int, int, int]]:
+    """(start, stop, width) of each row group of rows sorted by window size."""
+    groups, s = [], 0
+    while s < len(widths):
+        e = s + 1
+        while e < len(widths) and (e - s < GROUP_ROWS or widths[e] >= GROUP_FILL * widths[s]):
+            e += 1
+        groups.append((s, e, max(max(widths[s:e]), 1)))
+        s = e
+    return groups
 
 
 def _row_chunk(
@@ -173,18 +266,77 @@ def _row_chunk(
     n_pairs = int(count.sum())
     ids = torch.repeat_interleave(starts[rows] - local, count) + torch.arange(n_pairs, device=device)
     pair_row = torch.repeat_interleave(torch.arange(len(rows), device=device), count)
-    groups, s = [], 0
-    while s < len(rows):
-        e = s + 1
-        while e < len(rows) and (e - s < GROUP_ROWS or widths[e] >= GROUP_FILL * widths[s]):
-            e += 1
-        r, w = rows[s:e], max(max(widths[s:e]), 1)
+    groups = []
+    for s, e, w in _groups(widths):
+        r = rows[s:e]
         local_pair = pair[r, :w] - (starts[r] - local[s:e])[:, None]
         local_pair = torch.where(mask[r, :w], local_pair, n_pairs)
         g2 = d2[r, :w]
         groups.append(RowGroup(s, e, g2, local_pair, rbf(g2) if rbf is not None else None))
-        s = e
     return RowChunk(rows, pair_i[ids], pair_j[ids], pair_row, groups)
+
+
+#: Crystals share a block while their size is at least this fraction of the block's
+#: largest (each block's S² then wastes at most ~1.8×), and blocks are used while their
+#: score entries are at most BLOCK_ENTRIES_PER_PAIR × the pairs (+ BLOCK_ENTRIES_FREE):
+#: large cells, whose atoms see only part of the cell, keep the pair list.
+BLOCK_FILL = 0.75
+BLOCK_ENTRIES_PER_PAIR = 4
+BLOCK_ENTRIES_FREE = 4096
+
+
+def _crystal_blocks(crystal: torch.Tensor, n_pairs: int, rows: torch.Tensor | None) -> CrystalBlocks | None:
+    """Crystals in blocks of similar size (None when too sparse in pairs); ``rows``: the
+    chunk's rows when not the atoms in order."""
+    device = crystal.device
+    n_atoms = torch.bincount(crystal)
+    atoms_of = n_atoms.tolist()
+    sizes: list[int] = []
+    counts: list[int] = []
+    size_of, slot_of, entry_of = [0] * len(atoms_of), [0] * len(atoms_of), [0] * len(atoms_of)
+    slots = entries = 0
+    order = sorted(range(len(atoms_of)), key=lambda c: -atoms_of[c])  # stable: ties in order
+    for c in order:
+        if not sizes or atoms_of[c] < BLOCK_FILL * sizes[-1]:
+            sizes.append(atoms_of[c])
+            counts.append(0)
+        counts[-1] += 1
+        size_of[c], slot_of[c], entry_of[c] = sizes[-1], slots, entries
+        slots += sizes[-1]
+        entries += sizes[-1] ** 2
+    if entries > BLOCK_ENTRIES_PER_PAIR * n_pairs + BLOCK_ENTRIES_FREE:
+        return None
+    start = torch.cumsum(n_atoms, 0) - n_atoms
+    position = torch.arange(len(crystal), device=device) - start[crystal]  # atom's place in its crystal
+    slot = None
+    if order != sorted(order) or size_of != atoms_of:  # otherwise slots are the atoms in order
+        slot = torch.tensor(slot_of, device=device)[crystal] + position
+    row_slot = slot if rows is None else rows if slot is None else slot[rows]
+    return CrystalBlocks(sizes, counts, slot, row_slot, position,
+                         torch.tensor(size_of, device=device), torch.tensor(entry_of, device=device))
+
+
+def _block_chunk(
+    d2: torch.Tensor,
+    mask: torch.Tensor,
+    neighbor: torch.Tensor,
+    crystal: torch.Tensor,
+    rows: torch.Tensor,
+    widths: list[int],
+    blocks: CrystalBlocks,
+    rbf: GaussianBasis | None,
+) -> RowChunk:
+    """The one chunk of a window with ``blocks``: each slot indexes its (i, j) block entry."""
+    groups = []
+    for s, e, w in _groups(widths):
+        r = rows[s:e]
+        c = crystal[r]
+        j = torch.where(mask[r, :w], blocks.position[neighbor[r, :w]], -1)
+        stride = blocks.size_of[c]
+        g2 = d2[r, :w]
+        groups.append(RowGroup(s, e, g2, j, rbf(g2) if rbf is not None else None, blocks,
+                               blocks.entry_of[c], stride, blocks.position[r] * stride))
+    return RowChunk(rows, None, None, None, groups, blocks)
 
 
 class GaussianBasis(nn.Module):
@@ -287,10 +439,10 @@ class PeriodicAttention(nn.Module):
         self.r0 = config.r0
         self.rho_lower_bound = config.rho_lower_bound
         self.rho_slope = config.rho_slope
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
         self.sigma_weight = nn.Parameter(torch.empty(h, dh))  # w: s = q·w sets each atom's σ
         self.rbf_proj = nn.Parameter(torch.empty(h, dh, config.n_rbf)) if config.n_rbf else None
         # Frozen standardisation of s = q·w: set from the first training batch,
@@ -425,7 +577,8 @@ def torch_window_attention(
     """
     layout = geom.layout if max_slots is None else None
     if layout is None:
-        layout = row_layout(geom.d2, geom.mask, geom.pair, geom.pair_i, geom.pair_j, max_slots)
+        layout = row_layout(geom.d2, geom.mask, geom.pair, geom.pair_i, geom.pair_j, max_slots,
+                            crystal=geom.crystal, neighbor=geom.neighbor)
     basis = geom.basis
     run = partial(_chunk_attention, q, k, v, gamma, basis=basis, rbf=geom.rbf)
     if len(layout.chunks) > 1 and torch.is_grad_enabled():
@@ -453,9 +606,12 @@ def _chunk_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``window_attention`` for the rows of one chunk, in chunk order."""
     h, dh = q.shape[1], q.shape[2]
-    qk = (q.index_select(0, chunk.pair_i) * k.index_select(0, chunk.pair_j)).sum(-1) / math.sqrt(dh)  # (Pc, H)
-    qk = torch.cat([qk, qk.new_full((1, h), float("-inf"))]).view(-1)  # + the padding pair
-    pair_weight = torch.zeros_like(qk)  # ((Pc + 1)·H,) Σ_n weights = a_ij
+    if chunk.blocks is not None:
+        qk = chunk.blocks.scores(q, k)  # (H·entries + 1,)
+    else:
+        qk = (q.index_select(0, chunk.pair_i) * k.index_select(0, chunk.pair_j)).sum(-1) / math.sqrt(dh)  # (Pc, H)
+        qk = torch.cat([qk, qk.new_full((1, h), float("-inf"))]).view(-1)  # + the padding pair
+    pair_weight = torch.zeros_like(qk)  # Σ_n weights = a_ij, laid out as qk
     gamma = gamma.index_select(0, chunk.rows)
     mixed = []
     for g in chunk.groups:
@@ -477,9 +633,11 @@ def _chunk_attention(
             b = rbf(g.d2)
         if b is not None:
             mixed.append(torch.bmm(weights, b))  # (n, H, K)
+    mixed_out = (mixed[0] if len(mixed) == 1 else torch.cat(mixed)) if mixed else None
+    if chunk.blocks is not None:
+        return chunk.blocks.values(pair_weight, v), mixed_out
     pair_weight = pair_weight.view(-1, h)[:-1]
-    n = len(chunk.rows)
-    values = v.new_zeros(n, h, dh).index_add_(
+    values = v.new_zeros(len(chunk.rows), h, dh).index_add_(
         0, chunk.pair_row, pair_weight[..., None] * v.index_select(0, chunk.pair_j)
     )
-    return values, (mixed[0] if len(mixed) == 1 else torch.cat(mixed)) if mixed else None
+    return values, mixed_out

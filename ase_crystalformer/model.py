@@ -20,6 +20,7 @@ from .attention import MAX_SLOTS, GaussianBasis, WindowGeometry, row_layout
 from .config import MAX_ATOMIC_NUMBER, ModelConfig
 from .domain import warn_outside
 from .geometry import Batch, Window, collate, image_vectors, windows_for
+from .linear import Linear
 from .reciprocal import (
     SpaceGeometry,
     attention_for,
@@ -39,9 +40,9 @@ class Block(nn.Module):
         super().__init__()
         self.attention = attention_for(config, layer)
         self.ffn = nn.Sequential(
-            nn.Linear(config.d_model, config.d_ff),
+            Linear(config.d_model, config.d_ff),
             _ACTIVATIONS[config.activation](),
-            nn.Linear(config.d_ff, config.d_model),
+            Linear(config.d_ff, config.d_model),
         )
 
     def forward(self, x: torch.Tensor, geom: WindowGeometry | SpaceGeometry) -> torch.Tensor:
@@ -64,9 +65,9 @@ class Crystalformer(nn.Module):
         self.embedding = nn.Embedding(MAX_ATOMIC_NUMBER, config.d_model)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_blocks))
         self.head = nn.Sequential(
-            nn.Linear(config.d_model, config.d_head_mlp),
+            Linear(config.d_model, config.d_head_mlp),
             _ACTIVATIONS[config.activation](),
-            nn.Linear(config.d_head_mlp, n_targets),
+            Linear(config.d_head_mlp, n_targets),
         )
         self.basis = GaussianBasis(config.n_rbf, config.rbf_max) if config.n_rbf else None
         # Normalisation of the (transformed) targets: training-split mean and population std.
@@ -117,17 +118,19 @@ class Crystalformer(nn.Module):
         if d2.is_cuda:  # the Triton kernels read one whole (N, M, K) basis tensor
             basis = self.basis(d2) if self.basis is not None else None
             return WindowGeometry(
-                d2, basis, batch.mask, batch.neighbor, batch.pair, batch.pair_i, batch.pair_j, rbf=self.basis
+                d2, basis, batch.mask, batch.neighbor, batch.pair, batch.pair_i, batch.pair_j, rbf=self.basis,
+                crystal=batch.crystal,
             )
         # Bases for the whole window once per batch (in the torch path's row groups), unless
         # that would take more memory than its row chunks: then each chunk makes its own.
         whole = self.basis is not None and d2.numel() <= MAX_SLOTS
         layout = row_layout(
-            d2, batch.mask, batch.pair, batch.pair_i, batch.pair_j, rbf=self.basis if whole else None
+            d2, batch.mask, batch.pair, batch.pair_i, batch.pair_j, rbf=self.basis if whole else None,
+            crystal=batch.crystal, neighbor=batch.neighbor,
         )
         return WindowGeometry(
             d2, None, batch.mask, batch.neighbor, batch.pair, batch.pair_i, batch.pair_j,
-            rbf=self.basis, layout=layout,
+            rbf=self.basis, layout=layout, crystal=batch.crystal,
         )
 
     def atom_features(self, batch: Batch) -> torch.Tensor:

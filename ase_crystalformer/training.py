@@ -422,6 +422,8 @@ class Trainer:
                 _atomic_torch_save(self.state_dict(), self.out_dir / STATE_NAME)
                 if self.on_epoch:
                     self.on_epoch(summary)
+        if self.world > 1:  # the other ranks read the run's files only once rank 0 has written them
+            torch.distributed.barrier()
 
 
 def train(

@@ -82,3 +82,58 @@ def test_building_and_running_a_model_changes_no_process_state():
     tiny = torch.tensor([1e-39], dtype=torch.float32)  # a float32 denormal
     assert float(tiny * 0.5) > 0.0
     assert torch.get_num_threads() == threads
+
+
+def _energy_model() -> Crystalformer:
+    from ase_crystalformer import TargetSpec
+
+    config = ModelConfig(n_blocks=2, d_model=16, n_heads=2, d_ff=16, d_head_mlp=8, cutoff=7.0,
+                         activation="silu", targets=(TargetSpec("energy", "eV/atom", kind="energy"),))
+    torch.manual_seed(0)
+    return Crystalformer(config).double()
+
+
+@pytest.mark.parametrize("group_rows", [1, 32])
+def test_crystal_blocks_give_the_pair_lists_outputs_forces_stress_and_training_gradients(rng, monkeypatch, group_rows):
+    """The dense per-crystal scores are the pair lists' computation, to round-off: outputs,
+    forces and stress, and the gradients of a force loss (double backward)."""
+    from ase_crystalformer import forces
+
+    monkeypatch.setattr(attention, "GROUP_ROWS", group_rows)
+    structures = [random_crystal(rng, n) for n in (3, 1, 5, 2, 7, 7)] + [bulk("Si", "diamond", a=5.43)]
+    batch = collate(windows_for(structures, 7.0), torch.float64)
+    model = _energy_model()
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out = forces.energy_forces_stress(model, batch, create_graph=True)
+        loss = out["energy"].sum() + out["forces"].square().sum() + out["stress"].square().sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return [out["energy"], out["forces"], out["stress"]], list(grads)
+
+    assert model.geometry(batch).layout.chunks[0].blocks is not None
+    with_blocks = run()
+    monkeypatch.setattr(attention, "BLOCK_ENTRIES_PER_PAIR", -(10**9))  # pair lists only
+    assert model.geometry(batch).layout.chunks[0].blocks is None
+    with_pairs = run()
+    for a, b in zip(with_blocks[0] + with_blocks[1], with_pairs[0] + with_pairs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_crystal_blocks_lay_out_every_atom_once_and_skip_sparse_cells():
+    """Blocks hold each atom in one slot of its crystal's block; a cell much larger than the
+    window (few of its pairs within reach) keeps the pair lists."""
+    from ase_crystalformer.attention import _crystal_blocks
+
+    crystal = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 3, 3, 3])  # sizes 3, 5, 1, 3
+    blocks = _crystal_blocks(crystal, n_pairs=9 + 25 + 1 + 9, rows=None)
+    assert blocks.sizes == [5, 3, 1] and blocks.counts == [1, 2, 1]
+    slots = blocks.slot.tolist()
+    assert slots == [5, 6, 7, 0, 1, 2, 3, 4, 11, 8, 9, 10] and torch.equal(blocks.row_slot, blocks.slot)
+    assert blocks.entries == 25 + 9 + 9 + 1
+    one = _crystal_blocks(torch.zeros(4, dtype=torch.long), n_pairs=16, rows=None)
+    assert one.slot is None and one.row_slot is None  # the atoms are already the slots
+    big = bulk("Cu", "fcc", a=3.6, cubic=True) * (8, 8, 8)  # 2,048 atoms, 14.4 Å cube
+    batch = collate(windows_for([big], 7.0))
+    model = Crystalformer(ModelConfig(n_blocks=1, d_model=16, n_heads=2, d_ff=16, d_head_mlp=8, cutoff=7.0))
+    layout = model.geometry(batch).layout
+    assert len(layout.chunks) == 1 and layout.chunks[0].blocks is None
