@@ -194,7 +194,8 @@ def row_layout(
     crystal: torch.Tensor | None = None,
     neighbor: torch.Tensor | None = None,
 ) -> RowLayout:
-    """Sort query atoms by window size; chunks of at most ``max_slots`` padded slots.
+    """Sort query atoms by window size; chunks of at most ``max_slots`` padded slots
+    (``PAIR_SLOTS`` where the pair lists are used).
 
     With ``rbf`` the groups' bases are made here, once for all layers. With ``crystal``
     and ``neighbor`` (atom j of each slot), a window in one chunk whose crystals are dense
@@ -212,21 +213,27 @@ def row_layout(
     else:
         order = torch.argsort(width, descending=True, stable=True)
         widths = width[order].tolist()
-    bounds, a = [], 0
-    while a < n:
-        b = a + max(1, budget // max(max(widths) if in_order else widths[a], 1))
-        bounds.append((a, min(b, n)))
-        a = b
-    blocks = None
-    if crystal is not None and neighbor is not None and len(bounds) == 1:
+
+    def bounds(budget: int) -> list[tuple[int, int]]:
+        out, a = [], 0
+        while a < n:
+            b = a + max(1, budget // max(max(widths) if in_order else widths[a], 1))
+            out.append((a, min(b, n)))
+            a = b
+        return out
+
+    chunk_bounds, blocks = bounds(budget), None
+    if crystal is not None and neighbor is not None and len(chunk_bounds) == 1:
         blocks = _crystal_blocks(crystal, len(pair_i), None if in_order else order)
     if blocks is not None:
         chunks = [_block_chunk(d2, mask, neighbor, crystal, order, widths, blocks, rbf)]
     else:
+        if budget > PAIR_SLOTS:
+            chunk_bounds = bounds(PAIR_SLOTS)
         counts = torch.bincount(pair_i, minlength=n)  # pairs of each atom (sorted by i)
         starts = torch.cumsum(counts, 0) - counts
         chunks = [_row_chunk(d2, mask, pair, pair_i, pair_j, order[a:b], widths[a:b], counts, starts, rbf)
-                  for a, b in bounds]
+                  for a, b in chunk_bounds]
     if in_order:
         inverse = None
     else:
@@ -525,11 +532,14 @@ class PeriodicAttention(nn.Module):
         return alpha, beta
 
 
-#: Image slots handled at once by the torch path; large cells are split into row chunks
-#: so that each per-pair gather (P, H, dh) and the chunk's (rows, M, K) radial bases stay
-#: below ~0.5 GiB in float32 whatever the cell size (about 1.6 GiB peak per chunk, see
-#: docs/benchmarks.md). Windows with more slots get no precomputed bases.
+#: Image slots handled at once by the torch path; large windows are split into row chunks
+#: so that the chunk's (rows, M, K) radial bases stay below ~0.25 GiB in float32 whatever
+#: the cell size. Windows with more slots get no precomputed bases.
 MAX_SLOTS = 1 << 20
+#: Slots per chunk where the pair lists are used (large cells): each per-pair gather
+#: (P, H, dh) is about as large as the chunk's slots × d, so these chunks are smaller
+#: (docs/benchmarks.md: energy + forces + stress of 4,913 atoms).
+PAIR_SLOTS = 1 << 18
 
 
 def window_attention(
