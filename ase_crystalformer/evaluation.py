@@ -57,9 +57,7 @@ def evaluate(
     For a committee, also each structure's std (``<target>_std``) and the calibration of
     the errors by it (``committee.calibration``), in training space as the MAE.
     """
-    examples, skipped = make_examples(
-        dataset, split_indices(dataset, split), model.config.targets, model.config.cutoff
-    )
+    examples, skipped = make_examples(dataset, split_indices(dataset, split), model.config)
     model.eval()
     preds, stds = [], []
     committee = isinstance(model, Committee)

@@ -42,6 +42,7 @@ from .forces import energy_forces_stress
 from .geometry import Window, build_window, collate
 from .inference import resolve_device
 from .model import Crystalformer
+from .reciprocal import check_periodic
 from .rundir import STATE_NAME, run_directory
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ def transform_targets(values: np.ndarray, specs: Sequence[TargetSpec]) -> np.nda
 
 
 def make_examples(
-    dataset: Dataset, indices: Sequence[int], specs: Sequence[TargetSpec], cutoff: float
+    dataset: Dataset, indices: Sequence[int], config: ModelConfig
 ) -> tuple[list[Example], list[tuple[str, str]]]:
-    """Windows and targets for ``indices``; structures the model refuses are skipped."""
+    """Windows and targets for ``indices``; structures a model of ``config`` refuses (bad
+    cells; partial pbc for reciprocal-space heads) are skipped, with the reason."""
+    specs, cutoff = config.targets, config.cutoff
     examples, skipped = [], []
     raw = np.full((len(indices), len(specs)), np.nan)
     for row, index in enumerate(indices):
@@ -89,6 +92,7 @@ def make_examples(
         record = dataset.records[index]
         try:
             window = build_window(record.atoms, cutoff, label=f"{record.id}")
+            check_periodic(config, [record.atoms], [f"{record.id}"])
         except StructureError as err:
             skipped.append((record.id, str(err)))
             continue
@@ -458,9 +462,8 @@ def train(
         if not dataset.splits.get("train"):
             raise DataError(f"dataset {dataset.name!r} has no training split")
         model = _initial_model(targets, model_config, init_from, freeze_encoder)
-        cutoff = model.config.cutoff
-        train_ex, refused = make_examples(dataset, dataset.splits["train"], model.config.targets, cutoff)
-        val_ex, refused_val = make_examples(dataset, dataset.splits.get("val", []), model.config.targets, cutoff)
+        train_ex, refused = make_examples(dataset, dataset.splits["train"], model.config)
+        val_ex, refused_val = make_examples(dataset, dataset.splits.get("val", []), model.config)
         skipped = [*dataset.skipped, *refused, *refused_val]
         for ident, reason in skipped:
             log.warning("skipped %s: %s", ident, reason)

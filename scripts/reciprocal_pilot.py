@@ -35,7 +35,7 @@ TINY = ModelConfig(n_blocks=2, d_model=64, n_heads=4, d_ff=128, d_head_mlp=64, n
 
 def route_gates(model, dataset) -> list[list[float]]:
     """Mean real-space weight g per layer and head over the validation split (routed only)."""
-    examples, _ = make_examples(dataset, dataset.splits["val"], model.config.targets, model.config.cutoff)
+    examples, _ = make_examples(dataset, dataset.splits["val"], model.config)
     hooks, seen = [], {}
     for layer, block in enumerate(model.blocks):
         attention = block.attention

@@ -114,7 +114,7 @@ def _trainer(weights=()):
     ds = load_dataset(str(FIXTURE), ["e_form", "band_gap"])
     specs = (TargetSpec("e_form"), TargetSpec("band_gap"))
     model = Crystalformer(ModelConfig(**{**TINY.__dict__, "targets": specs}))
-    examples, _ = make_examples(ds, list(range(8)), specs, TINY.cutoff)
+    examples, _ = make_examples(ds, list(range(8)), model.config)
     for e in examples[::2]:
         e.y = e.y.copy()
         e.y[1] = np.nan  # half of the band gaps missing

@@ -241,6 +241,31 @@ def test_slabs_are_refused_by_reciprocal_heads(domain):
     assert np.isfinite(_model("real").predict(_slab())).all()  # the real-space sum is right for slabs
 
 
+def test_training_a_reciprocal_model_skips_slabs_with_their_reason(tmp_path):
+    """A slab in the training data is skipped and reported, as a bad cell is; the rest trains."""
+    import json
+    from pathlib import Path
+
+    import ase.io
+    from click.testing import CliRunner
+
+    from ase_crystalformer.cli import main
+
+    structures = ase.io.read(Path(__file__).parent / "fixtures" / "mp_megnet_40.extxyz", index=":")
+    slab = _slab()
+    slab.info.update(id="slab-1", split="train", e_form=-1.0, band_gap=0.0)
+    data = tmp_path / "with_slab.extxyz"
+    ase.io.write(data, [*structures, slab])
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(data), "--target", "e_form", "--epochs", "1", "--swa-epochs", "0",
+        "--batch-size", "8", "--blocks", "1", "--cutoff", "7", "--domain", "reciprocal",
+        "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    skipped = dict(json.loads((out / "report.json").read_text())["skipped"])
+    assert list(skipped) == ["slab-1"] and "pbc=[True, True, False]" in skipped["slab-1"]
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_cli_train_dual_checkpoint_predict_and_calculator(tmp_path):
     from pathlib import Path
