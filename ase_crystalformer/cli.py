@@ -393,6 +393,10 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
                 reports = train_committee(dataset, specs, out, members=opts["committee"], config=config, **common)
                 runs = [out / f"member-{k}" for k in range(opts["committee"])]
                 committee_from_runs(runs, out / "committee", {"command": common["command"]})
+                if dataset.splits.get("val"):  # the members' spread, scaled to their errors
+                    from .committee import calibrate_committee
+
+                    calibrate_committee(out / "committee", dataset, "val", opts["batch_size"])
                 report = {"members": reports, "skipped": reports[0]["skipped"],
                           "metrics": _final_report(out, dataset, opts["batch_size"], device, kinds=("committee",))}
             else:
@@ -475,7 +479,7 @@ def training_options(func):
         click.option("--stress-weight", default=0.0, show_default=True, help="Weight of the stress L1 loss (eV/Å³)."),
         click.option("--progress/--no-progress", default=True, show_default=True),
         click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes that collate batches."),
-        click.option("--committee", default=1, show_default=True, type=click.IntRange(min=1), help="Train this many members (runs OUT/member-k, seed + k: own initialisation and data order) and save their final models (SWA, or best validation without SWA) as one committee in OUT/committee, whose spread is the uncertainty (>= 5 recommended)."),
+        click.option("--committee", default=1, show_default=True, type=click.IntRange(min=1), help="Train this many members (runs OUT/member-k, seed + k: own initialisation and data order) and save their final models (SWA, or best validation without SWA) as one committee in OUT/committee, whose spread, scaled to the validation errors (std_scale in committee.json), is the uncertainty (>= 5 recommended)."),
     ]
     for option in reversed(options):
         func = option(func)

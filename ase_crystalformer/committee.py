@@ -7,10 +7,12 @@ mean of its members' there, transformed back (for a log10 target, the geometric 
 members' values), and its ``std`` is the members' sample standard deviation there (ddof=1),
 so a log10 target's std is in log10 units (the value is uncertain by a factor 10**std).
 Calibration (``calibration``) compares that std with the error in the same space, the space
-in which the MAE is reported.
+in which the MAE is reported. Members that share a starting point (fine-tuned from one
+model) spread far less than they err, so a committee carries one factor per target,
+``std_scale``, fitted on the validation split (``fit_std_scale``) and applied to its std.
 
 Layout on disk: a directory with ``committee.json`` (format, version, member file names,
-metadata) and one ordinary checkpoint per member (``member-<k>.safetensors``), each read
+metadata, optional ``std_scale``) and one ordinary checkpoint per member (``member-<k>.safetensors``), each read
 strictly by ``checkpoint.read_checkpoint``; a member name may not leave the directory.
 """
 
@@ -49,7 +51,8 @@ class Committee(nn.Module):
     averaged).
     """
 
-    def __init__(self, members: Sequence[Crystalformer], metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, members: Sequence[Crystalformer], metadata: dict[str, Any] | None = None,
+                 std_scale: Sequence[float] | None = None) -> None:
         super().__init__()
         members = list(members)
         if len(members) < MIN_MEMBERS:
@@ -60,6 +63,11 @@ class Committee(nn.Module):
                 raise ValueError(f"committee member {k} has another architecture or targets than member 0")
         self.members = nn.ModuleList(members)
         self.config = first
+        scale = [1.0] * len(first.targets) if std_scale is None else [float(x) for x in std_scale]
+        if len(scale) != len(first.targets) or not all(np.isfinite(x) and x > 0 for x in scale):
+            raise ValueError(f"std_scale must hold one positive finite factor per target "
+                             f"({len(first.targets)}), got {list(std_scale or [])}")
+        self.std_scale = scale
         self.metadata: dict[str, Any] = dict(metadata or {})
         if members[0].metadata.get("domain") is not None:
             self.metadata.setdefault("domain", members[0].metadata["domain"])
@@ -85,9 +93,11 @@ class Committee(nn.Module):
         return torch.stack([m(batch) * m.target_std + m.target_mean for m in self.members])
 
     def mean_std(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and sample std (ddof=1) over members, (B, T) each, in training space."""
+        """Mean and sample std (ddof=1, times ``std_scale``) over members, (B, T) each, in
+        training space."""
         values = self.member_values(batch)
-        return values.mean(0), values.std(0, correction=1)
+        scale = torch.tensor(self.std_scale, dtype=values.dtype, device=values.device)
+        return values.mean(0), values.std(0, correction=1) * scale
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """The committee mean as normalised outputs (B, T) of the first member."""
@@ -130,17 +140,19 @@ class Committee(nn.Module):
 
 
 def save_committee(
-    members: Sequence[Crystalformer], directory: str | Path, metadata: dict[str, Any] | None = None
+    members: Sequence[Crystalformer], directory: str | Path, metadata: dict[str, Any] | None = None,
+    std_scale: Sequence[float] | None = None,
 ) -> Path:
     """Write the members and ``committee.json`` (last, so a partial write is no committee)."""
-    Committee(members)  # refuse a mixed committee before writing anything
+    scale = Committee(members, std_scale=std_scale).std_scale  # refuse a bad committee before writing
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = []
     for k, member in enumerate(members):
         names.append(f"member-{k}.safetensors")
         save_checkpoint(member, directory / names[-1], member.metadata)
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "members": names, "metadata": metadata or {}}
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "members": names, "metadata": metadata or {},
+              "std_scale": scale}
     tmp = directory / (COMMITTEE_FILE + ".tmp")
     tmp.write_text(json.dumps(header, indent=2))
     os.replace(tmp, directory / COMMITTEE_FILE)
@@ -168,7 +180,7 @@ def read_committee(directory: str | Path) -> Committee:
         raise CheckpointError(f"{path}: member names must be files in the committee's folder, got {bad}")
     members = [read_checkpoint(directory / n)[0] for n in names]
     try:
-        committee = Committee(members, header.get("metadata") or {})
+        committee = Committee(members, header.get("metadata") or {}, header.get("std_scale"))
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
     committee.eval()
@@ -190,6 +202,40 @@ def calibration(errors: np.ndarray, std: np.ndarray) -> dict[str, float]:
     rho = spearmanr(e, s).statistic
     return {"n": int(len(e)), "spearman": float(rho), "within_1sigma": float((e <= s).mean()),
             "within_2sigma": float((e <= 2 * s).mean())}
+
+
+def fit_std_scale(errors: np.ndarray, std: np.ndarray) -> float:
+    """The factor that makes the median of |error| / (factor·std) that of a standard normal
+    (0.6745), from pairs with a finite error and a positive finite std; robust to the few
+    large errors that a mean-based fit would follow. 1.0 when no pair qualifies."""
+    errors, std = np.abs(np.asarray(errors, float)), np.asarray(std, float)
+    ok = np.isfinite(errors) & np.isfinite(std) & (std > 0)
+    if not ok.any():
+        return 1.0
+    return float(np.median(errors[ok] / std[ok]) / 0.6744897501960817) or 1.0
+
+
+def calibrate_committee(directory: str | Path, dataset, split: str = "val", batch_size: int = 64) -> list[float]:
+    """Fit ``std_scale`` of the committee in ``directory`` on ``split`` of ``dataset`` (its
+    errors and unscaled std in training space) and write it to ``committee.json``."""
+    from .evaluation import evaluate
+
+    directory = Path(directory)
+    committee = read_committee(directory)
+    committee.std_scale = [1.0] * len(committee.config.targets)
+    _, table, _ = evaluate(committee, dataset, split, batch_size=batch_size)
+    scale = []
+    for spec in committee.config.targets:
+        errors = table[f"{spec.name}_pred"] - table[f"{spec.name}_true"]  # training space, as the std
+        scale.append(fit_std_scale(errors.to_numpy(), table[f"{spec.name}_std"].to_numpy()))
+    path = directory / COMMITTEE_FILE
+    header = json.loads(path.read_text())
+    header["std_scale"] = scale
+    header.setdefault("metadata", {})["std_scale_fitted_on"] = f"{dataset.name}:{split} ({len(table)} structures)"
+    tmp = directory / (COMMITTEE_FILE + ".tmp")
+    tmp.write_text(json.dumps(header, indent=2))
+    os.replace(tmp, path)
+    return scale
 
 
 def train_committee(dataset, targets, out_dir: str | Path, *, members: int = 5, config=None,

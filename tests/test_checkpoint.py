@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from ase_crystalformer import CheckpointError, Crystalformer, ModelConfig, TargetSpec
 from ase_crystalformer.checkpoint import (
+    COMMITTEE_FILE,
     DIGEST_KEY,
     MODELS_ENV,
     expected_layout,
@@ -230,9 +231,13 @@ def test_shipped_models_carry_a_valid_digest():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a missing digest would warn
         for name in names:
-            with safe_open(str(model_path(name)), framework="pt") as f:
-                assert len(f.metadata()[DIGEST_KEY]) == 64, name
-            read_checkpoint(model_path(name))
+            path = model_path(name)
+            files = ([path.parent / m for m in json.loads(path.read_text())["members"]]
+                     if path.name == COMMITTEE_FILE else [path])  # a committee: each member
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    assert len(f.metadata()[DIGEST_KEY]) == 64, file
+                read_checkpoint(file)
 
 
 def test_header_digest_covers_the_config(tmp_path):

@@ -18,7 +18,7 @@ from scipy.stats import rankdata
 from ase_crystalformer.calculator import CrystalformerCalculator
 from ase_crystalformer.checkpoint import MODELS_ENV, list_models, load_model
 from ase_crystalformer.cli import main
-from ase_crystalformer.committee import Committee, calibration, read_committee, save_committee
+from ase_crystalformer.committee import Committee, calibration, fit_std_scale, read_committee, save_committee
 from ase_crystalformer.config import ModelConfig, TargetSpec
 from ase_crystalformer.errors import CheckpointError
 from ase_crystalformer.featurizer import CrystalformerFeaturizer, pool_atoms
@@ -208,6 +208,40 @@ def test_cli_trains_a_committee_of_seeded_members(tmp_path):
     assert not torch.equal(first, committee.members[1].state_dict()["embedding.weight"])
     report = json.loads((out / "report.json").read_text())
     assert "calibration" in report["metrics"]["committee_test"]["e_form"]
+    # std_scale was fitted on the validation split: there, the median |error| / std is 0.6745.
+    from ase_crystalformer.data import load_dataset
+    from ase_crystalformer.evaluation import evaluate
+
+    assert committee.std_scale[0] != 1.0
+    _, rows, _ = evaluate(committee, load_dataset(str(FIXTURE), ["e_form"]), "val")
+    ratio = np.abs(rows["e_form_pred"] - rows["e_form_true"]) / rows["e_form_std"]
+    assert np.median(ratio) == pytest.approx(0.6745, rel=1e-3)
+
+
+def test_std_scale_scales_the_std_round_trips_and_is_checked(committee, crystals, tmp_path):
+    mean, std = committee.predict(crystals, return_std=True)
+    folder = save_committee(list(committee.members), tmp_path / "scaled", std_scale=[2.0, 0.5])
+    scaled = read_committee(folder)
+    assert scaled.std_scale == [2.0, 0.5]
+    mean2, std2 = scaled.predict(crystals, return_std=True)
+    np.testing.assert_array_equal(mean2, mean)
+    np.testing.assert_allclose(std2, std * [2.0, 0.5], rtol=1e-6)
+    for bad in ([1.0], [1.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="std_scale must hold one positive finite factor per target"):
+            Committee(list(committee.members), std_scale=bad)
+    header = json.loads((folder / "committee.json").read_text())
+    header["std_scale"] = [1.0, -1.0]
+    (folder / "committee.json").write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match="std_scale"):
+        read_committee(folder)
+
+
+def test_fit_std_scale_matches_a_gaussian_median():
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.1, 1.0, 20000)
+    errors = rng.normal(0.0, 3.0 * std)  # the spread is 3× too small
+    assert fit_std_scale(errors, std) == pytest.approx(3.0, rel=0.03)
+    assert fit_std_scale(np.array([np.nan]), np.array([0.0])) == 1.0
 
 
 def test_cli_featurize_pooling(tmp_path):
