@@ -153,10 +153,15 @@ def save_committee(
         save_checkpoint(member, directory / names[-1], member.metadata)
     header = {"format": FORMAT, "version": FORMAT_VERSION, "members": names, "metadata": metadata or {},
               "std_scale": scale}
+    _write_header(directory, header)
+    return directory
+
+
+def _write_header(directory: Path, header: dict[str, Any]) -> None:
+    """``committee.json``, atomically (written last: until then the folder is no committee)."""
     tmp = directory / (COMMITTEE_FILE + ".tmp")
     tmp.write_text(json.dumps(header, indent=2))
     os.replace(tmp, directory / COMMITTEE_FILE)
-    return directory
 
 
 def read_committee(directory: str | Path) -> Committee:
@@ -232,9 +237,7 @@ def calibrate_committee(directory: str | Path, dataset, split: str = "val", batc
     header = json.loads(path.read_text())
     header["std_scale"] = scale
     header.setdefault("metadata", {})["std_scale_fitted_on"] = f"{dataset.name}:{split} ({len(table)} structures)"
-    tmp = directory / (COMMITTEE_FILE + ".tmp")
-    tmp.write_text(json.dumps(header, indent=2))
-    os.replace(tmp, path)
+    _write_header(directory, header)
     return scale
 
 
