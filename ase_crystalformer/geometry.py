@@ -81,16 +81,22 @@ _MINKOWSKI_COMBINATIONS = np.array([
     [1, 0, -1], [0, 1, -1], [1, 1, 1], [1, -1, 1], [1, 1, -1], [1, -1, -1],
 ])
 _MINKOWSKI_BOUNDS = [0, 1, 1, 2, 2, 1, 2, 2, 2, 2, 2, 2]
-_MINKOWSKI_TOL = 1e-12  # ase's
+#: Relative slack of the reduction test: lattices typed with a few decimals (CIFs, MP's
+#: fcc/bcc primitive and 120° hexagonal bases) break ties such as |b1 - b2| = |b2| by
+#: ~1e-10 of a length either way, and ase's absolute 1e-12 then sends half of such cells
+#: through ``minkowski_reduce`` (a Python loop of ~0.5 ms) to trade one shortest vector for
+#: another as short. The window needs no exact reduction, only small shifts n: the sphere of
+#: images is the same in any basis.
+_MINKOWSKI_SLACK = 1e-6
 
 
 def _is_reduced(cell: np.ndarray) -> bool:
-    """``ase.geometry.is_minkowski_reduced`` of a 3-D periodic cell, the same arithmetic
-    without its per-call overhead (a third of window building for small cells): where this
-    says True, ``minkowski_reduce`` would return the cell unchanged."""
+    """``ase.geometry.is_minkowski_reduced`` of a 3-D periodic cell, with ties up to a
+    relative ``_MINKOWSKI_SLACK`` counted as reduced, and without ase's per-call overhead
+    (a third of window building for small cells): where this says False, ase says False."""
     lhs = np.linalg.norm(_MINKOWSKI_COMBINATIONS @ cell, axis=1)
     rhs = np.linalg.norm(cell, axis=1)[_MINKOWSKI_BOUNDS]
-    return bool((lhs >= rhs - _MINKOWSKI_TOL).all())
+    return bool((lhs >= rhs * (1 - _MINKOWSKI_SLACK)).all())
 
 
 @functools.lru_cache(maxsize=256)

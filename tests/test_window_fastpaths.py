@@ -19,6 +19,33 @@ def test_is_reduced_agrees_with_ase() -> None:
     assert 0 < sum(ours for ours, _ in verdicts) < len(cells)  # both kinds were tried
 
 
+def test_a_tie_broken_by_rounding_counts_as_reduced_and_changes_no_window() -> None:
+    """The fcc primitive basis has |b1 - b2| = |b2|; typed with a few decimals, rounding breaks
+    that tie. ase then reduces the cell again (to another basis of the same lattice); we keep
+    it, and the window, a sphere, holds the same images in either basis."""
+    from ase.geometry import minkowski_reduce
+
+    atoms = bulk("NaCl", "rocksalt", a=5.6)
+    atoms.rattle(0.05, seed=3)
+    cell = np.array(atoms.cell)
+    cell[1] *= 1 + 1e-8  # |b1 - b2| now falls short of |b2| by ~5e-9 of a length
+    atoms.set_cell(cell, scale_atoms=False)
+    assert _is_reduced(cell) and not is_minkowski_reduced(cell)
+    ase_cell = minkowski_reduce(cell)[0]
+    assert not np.allclose(ase_cell, cell)
+    other = atoms.copy()
+    other.set_cell(ase_cell, scale_atoms=False)  # the same lattice in ase's basis
+
+    def images(w):  # (i, j, |r|) of every image, sorted
+        r = w.positions[w.neighbor] + w.shift @ w.cell - w.positions[w.center]
+        rows = np.column_stack([w.center, w.neighbor, np.round(np.linalg.norm(r, axis=1), 9)])
+        return rows[np.lexsort(rows.T[::-1])]
+
+    ours, theirs = build_window(atoms, 6.0), build_window(other, 6.0)
+    assert np.array_equal(ours.cell, cell)  # kept as given, not reduced again
+    assert np.array_equal(images(ours), images(theirs))
+
+
 def test_window_order_and_pairs() -> None:
     atoms = bulk("NaCl", "rocksalt", a=5.6).repeat((1, 1, 2))
     atoms.rattle(0.05, seed=1)
