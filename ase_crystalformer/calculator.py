@@ -41,7 +41,7 @@ from .inference import (
     std_property,
     target_properties,
 )
-from .model import Crystalformer
+from .model import Crystalformer, crystal_mean
 from .potential import DEFAULT_POTENTIAL, is_potential, references_of
 from .structures import as_atoms_list, check_atoms, describe
 
@@ -446,16 +446,16 @@ class CrystalformerCalculator(Calculator):
                         if isinstance(model, Committee):
                             out, std, emb, derivatives = _committee_pass(model, batch, derivatives=wants, stress=stress)
                         elif wants:
-                            with _head_input(model) as seen:
+                            with _atom_features(model) as seen:
                                 derivatives = energy_forces_stress(
                                     model, batch, forces=True, stress=stress
                                 )
-                            emb = seen[-1].detach()  # (B, d)
+                            emb = crystal_mean(seen[-1].detach(), batch)  # (B, d)
                             out = model.targets(derivatives["outputs"].detach())  # (B, T)
                         else:
                             with torch.no_grad():
-                                emb = model.embed(batch)  # (B, d)
-                                out = model.targets(model.head(emb))  # (B, T)
+                                outputs, emb = model.readout(model.atom_features(batch), batch)
+                                out = model.targets(outputs)  # (B, T)
                         shift = None if offsets is None else offsets[start : start + batch_size]
                         self._fill(rows, index, batch, out, emb, derivatives, shift, std)
         return results
@@ -527,20 +527,19 @@ def _committee_pass(committee: Committee, batch: Batch, *, derivatives: bool, st
 
 
 @contextmanager
-def _head_input(model: Crystalformer) -> Iterator[list[torch.Tensor]]:
-    """Record what enters the prediction head: the pooled embedding (B, d).
-
-    ``forces.energy_forces_stress`` returns the outputs only; this recovers the embedding
-    from the same forward pass instead of running the model a second time.
+def _atom_features(model: Crystalformer) -> Iterator[list[torch.Tensor]]:
+    """Record the atom features (N, d) that leave the last block, whose crystal means are
+    the embedding: ``forces.energy_forces_stress`` returns the outputs only, and this
+    recovers the embedding from the same forward pass instead of running the model again.
     """
     seen: list[torch.Tensor] = []
-    thread = threading.get_ident()  # a model shared with another thread runs its head too
+    thread = threading.get_ident()  # a model shared with another thread runs its blocks too
 
-    def record(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    def record(_module: torch.nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if threading.get_ident() == thread:
-            seen.append(args[0])
+            seen.append(output)
 
-    handle = model.head.register_forward_pre_hook(record)
+    handle = model.blocks[-1].register_forward_hook(record)
     try:
         yield seen
     finally:

@@ -486,6 +486,10 @@ def training_options(func):
     return func
 
 
+READOUT_HELP = ("mean: the paper's head on the mean of the atom features; atoms: the head on every atom, "
+                "then the mean (an energy becomes a sum of per-atom energies, the form of a potential).")
+
+
 @main.command()
 @data_options(multiple=True)
 @training_options
@@ -494,12 +498,14 @@ def training_options(func):
 @click.option("--activation", type=click.Choice(["relu", "gelu", "silu"]), default="relu", show_default=True, help="silu or gelu give smooth forces (ReLU forces are only piecewise smooth).")
 @click.option("--domain", type=click.Choice(["real", "reciprocal", "alternating", "dual", "routed"]), default="real", show_default=True,
               help="Attention heads in real space (the paper's model), in reciprocal space (wide Gaussians over the whole crystal), alternating layers, dual (half the heads of each layer each), or routed (every head both, mixed by a learned gate). Reciprocal heads need 3D-periodic cells.")
-def train(cutoff: float, blocks: int, activation: str, domain: str, **opts) -> None:
+@click.option("--readout", type=click.Choice(["mean", "atoms"]), default="mean", show_default=True, help=READOUT_HELP)
+def train(cutoff: float, blocks: int, activation: str, domain: str, readout: str, **opts) -> None:
     """Train a Crystalformer from scratch with the paper's recipe."""
     from .config import ModelConfig
 
     try:
-        model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation, domain=domain)
+        model_config = ModelConfig(n_blocks=blocks, cutoff=cutoff, activation=activation, domain=domain,
+                                   readout=readout)
     except ValueError as err:  # the config's own checks, e.g. the cutoff's range
         raise click.UsageError(str(err)) from err
     _run_training(opts, model_config=model_config)
@@ -771,6 +777,7 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
 @click.option("--blocks", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--d-model", default=64, show_default=True, type=click.IntRange(min=8))
 @click.option("--heads", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--readout", type=click.Choice(["mean", "atoms"]), default="atoms", show_default=True, help=READOUT_HELP)
 @click.option("--seed", default=123, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
@@ -778,7 +785,7 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
 @device_option
 def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
                     lr_decay_steps: int, swa_epochs: int, force_weight: float, stress_weight: float,
-                    relaxed_share: float, max_val_relaxed: int, blocks: int, d_model: int, heads: int, seed: int,
+                    relaxed_share: float, max_val_relaxed: int, blocks: int, d_model: int, heads: int, readout: str, seed: int,
                     threads: int | None, resume: bool, overwrite: bool, device: str) -> None:
     """Train a Crystalformer potential on DFT energies, forces and stresses.
 
@@ -808,7 +815,7 @@ def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, 
                              swa_epochs=min(swa_epochs, epochs), seed=seed, force_weight=force_weight,
                              stress_weight=stress_weight, eval_batch_size=32)
         model_config = default_model_config(n_blocks=blocks, d_model=d_model, n_heads=heads,
-                                            d_ff=4 * d_model, d_head_mlp=d_model)
+                                            d_ff=4 * d_model, d_head_mlp=d_model, readout=readout)
         report = run(data_dir, out, config=config, model_config=model_config, steps_per_epoch=steps_per_epoch,
                      relaxed_share=relaxed_share, max_val_relaxed=max_val_relaxed, resume=resume, overwrite=overwrite, device=device,
                      command=" ".join(["crystalformer", *sys.argv[1:]]), on_epoch=echo)

@@ -16,6 +16,9 @@ Transform = Literal["none", "log10"]
 #: Where each attention head sums its Gaussian over periodic images (``reciprocal.py``).
 Domain = Literal["real", "reciprocal", "alternating", "dual", "routed"]
 DOMAINS: tuple[str, ...] = ("real", "reciprocal", "alternating", "dual", "routed")
+#: How atom features become a crystal's outputs (``Crystalformer.readout``).
+Readout = Literal["mean", "atoms"]
+READOUTS: tuple[str, ...] = ("mean", "atoms")
 
 #: Elements with a learned embedding: Z = 1 (H) ... 98 (Cf), as in the paper's one-hot.
 MAX_ATOMIC_NUMBER = 98
@@ -86,6 +89,11 @@ class ModelConfig:
     over all atoms of the crystal, or a mix: ``"alternating"`` layers (even layers real),
     ``"dual"`` (in every layer the first half of the heads real, the rest reciprocal) and
     ``"routed"`` (every head both, mixed by a learned per-atom gate). See ``reciprocal.py``.
+
+    ``readout="mean"`` is the paper's: the head MLP on the mean of the atom features.
+    ``"atoms"`` applies the head to every atom and averages its outputs, so that an energy
+    target becomes a sum of per-atom energies, each a nonlinear function of its own atom's
+    environment (the form of CHGNet's and MACE's energies): the choice for a potential.
     """
 
     n_blocks: int = 4
@@ -102,6 +110,7 @@ class ModelConfig:
     activation: Activation = "relu"
     domain: Domain = "real"
     reciprocal_scale: float = 2.2
+    readout: Readout = "mean"
     targets: tuple[TargetSpec, ...] = field(default_factory=lambda: (TargetSpec("target"),))
 
     def __post_init__(self) -> None:
@@ -131,6 +140,8 @@ class ModelConfig:
             raise ValueError(f"domain 'dual' splits the heads in half; n_heads={self.n_heads} is odd")
         if self.domain == "alternating" and self.n_blocks < 2:
             raise ValueError("domain 'alternating' needs n_blocks >= 2 (odd layers are the reciprocal ones)")
+        if self.readout not in READOUTS:
+            raise ValueError(f"unknown readout {self.readout!r}; use one of {', '.join(READOUTS)}")
         if self.reciprocal_scale <= 0:
             raise ValueError(f"reciprocal_scale must be positive, got {self.reciprocal_scale}")
         if self.activation not in ("relu", "gelu", "silu"):

@@ -426,8 +426,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
                     out = model.targets((mean - model.target_mean) / model.target_std)
                     parts.append(torch.stack([out, std], dim=2).flatten(1))  # (B, 2T)
                 else:
-                    emb = pooled[self.pooling.index("mean")] if "mean" in self.pooling else network.embed(batch)
-                    parts.append(model.targets(model.head(emb)))  # (B, T)
+                    parts.append(model.targets(model.readout(atoms, batch)[0]))  # (B, T)
             values = torch.cat(parts, dim=1).to("cpu", torch.float64).numpy()
         return [row.tolist() for row in values]
 

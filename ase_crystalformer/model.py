@@ -143,13 +143,19 @@ class Crystalformer(nn.Module):
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Mean-pooled crystal features, (B, d): the learned structure embedding."""
-        x = self.atom_features(batch)
-        pooled = x.new_zeros(batch.n_crystals, x.shape[1]).index_add_(0, batch.crystal, x)
-        return pooled / batch.n_atoms[:, None].to(x.dtype)
+        return crystal_mean(self.atom_features(batch), batch)
+
+    def readout(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised outputs (B, T) and the embedding (B, d) from atom features x (N, d):
+        the head of the mean (``readout="mean"``) or the mean of the head (``"atoms"``)."""
+        embedding = crystal_mean(x, batch)
+        if self.config.readout == "atoms":
+            return crystal_mean(self.head(x), batch), embedding
+        return self.head(embedding), embedding
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Normalised outputs (B, T)."""
-        return self.head(self.embed(batch))
+        return self.readout(self.atom_features(batch), batch)[0]
 
     def targets(self, outputs: torch.Tensor) -> torch.Tensor:
         """Normalised outputs (B, T) → targets in their units (transform undone)."""
@@ -214,6 +220,12 @@ class Crystalformer(nn.Module):
             if switch:
                 self.train(was_training)
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.config.targets)))
+
+
+def crystal_mean(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-atom rows x (N, ...) averaged over each crystal's atoms: (B, ...)."""
+    total = x.new_zeros((batch.n_crystals, *x.shape[1:])).index_add_(0, batch.crystal, x)
+    return total / batch.n_atoms.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 def prediction_inputs(config: ModelConfig, structures: Any, primitive: bool) -> list[Atoms]:

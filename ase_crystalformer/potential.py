@@ -347,9 +347,10 @@ def _summaries(rows: Sequence[tuple[str, float, float, float]]) -> dict[str, flo
 
 
 def default_model_config(**changes: Any) -> ModelConfig:
-    """The potential's architecture: smooth (SiLU), 3 blocks of width 64, the 10 Å window."""
+    """The potential's architecture: smooth (SiLU), 3 blocks of width 64, the 10 Å window,
+    energy as a sum of per-atom energies (``readout="atoms"``)."""
     base = ModelConfig(n_blocks=3, d_model=64, n_heads=4, d_ff=256, d_head_mlp=64,
-                       activation="silu", targets=(ENERGY_TARGET,))
+                       activation="silu", readout="atoms", targets=(ENERGY_TARGET,))
     return replace(base, **changes)
 
 

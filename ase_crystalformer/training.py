@@ -220,6 +220,7 @@ class Trainer:
             "best_val": self.best_val,
             "wall_time": self.wall_time,
             "train_config": json.dumps(self.config.to_dict()),
+            "model_config": json.dumps(self.model.config.to_dict()),
             "log": json.dumps(self.history),
         }
 
@@ -266,6 +267,18 @@ class Trainer:
             raise ValueError(
                 f"{path}: the run was started with a different training config; "
                 f"saved {saved}, given {self.config}"
+            )
+        # Weights load into any model with the same tensors, a changed readout or activation
+        # included: compare the architecture too (states before it was saved: the run's model).
+        if "model_config" in state:
+            built = ModelConfig.from_dict(json.loads(state["model_config"]))
+        else:
+            latest = self.out_dir / "latest.safetensors"
+            built = read_checkpoint(latest)[0].config if latest.is_file() else self.model.config
+        if built != self.model.config:
+            raise ValueError(
+                f"{path}: the run was started with a different model config; "
+                f"saved {built}, given {self.model.config}"
             )
         self.load_state_dict(state)
         if self.rank == 0:  # drop the line of an epoch that was lost before its state was saved

@@ -103,6 +103,17 @@ def test_resume_refuses_a_changed_recipe(dataset, tmp_path):
     with pytest.raises(ValueError, match="different training config"):
         train(dataset, E_FORM, tmp_path, config=TrainConfig(epochs=3, batch_size=4, swa_epochs=0),
               model_config=TINY, resume=True, progress=False)
+    # Same tensors, other architecture: refused, from the state or (older states) from latest.
+    for changed in (replace(TINY, readout="atoms"), replace(TINY, activation="silu")):
+        with pytest.raises(ValueError, match="different model config"):
+            train(dataset, E_FORM, tmp_path, config=TrainConfig(epochs=2, batch_size=8, lr=2e-3, swa_epochs=0),
+                  model_config=changed, resume=True, progress=False)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    del state["model_config"]
+    torch.save(state, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="different model config"):
+        train(dataset, E_FORM, tmp_path, config=TrainConfig(epochs=2, batch_size=8, lr=2e-3, swa_epochs=0),
+              model_config=replace(TINY, readout="atoms"), resume=True, progress=False)
     with pytest.raises(RunError, match=r"empty: nothing to resume: no training state \(state.pt\)"):
         _train(dataset, tmp_path / "empty", resume=True)
     (tmp_path / "state.pt").write_bytes(b"garbage")
