@@ -1,4 +1,4 @@
-"""The Crystalformer network: embedding, periodic-attention blocks, mean pool, MLP.
+"""The Crystalformer network: embedding, periodic-attention blocks, readout (mean pool, MLP).
 
 ``Crystalformer()`` with no arguments is the paper's default architecture, 853,505 trainable
 parameters (the paper's 853,517 also counts 12 frozen or unused scalars). It carries its
