@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--linear-target", action="store_true", help="fit the target itself, not log10")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N rows")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--pooling", help="comma-separated atom poolings, e.g. mean,max,min,std (default: the featurizer's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -106,7 +107,8 @@ def main() -> None:
     logger.info("%d structures, target %s%s", len(atoms), "log10 " if log_target else "", args.target)
 
     start = time.perf_counter()
-    featurizer = CrystalformerFeaturizer(args.model, mode="embedding", device=args.device, batch_size=64)
+    pooling = {"pooling": args.pooling.split(",")} if args.pooling else {}
+    featurizer = CrystalformerFeaturizer(args.model, mode="embedding", device=args.device, batch_size=64, **pooling)
     embedding = np.array(featurizer.featurize_many(atoms, ignore_errors=True, pbar=False), float)
     logger.info("Crystalformer embedding: %d features in %.1f s", embedding.shape[1], time.perf_counter() - start)
 

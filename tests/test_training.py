@@ -331,7 +331,7 @@ def test_cli_train_and_evaluate(tmp_path):
 def test_torchrun_two_process_gloo(tmp_path, dataset):
     """Two ranks train one model; each validates half the set and the sums are all-reduced."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "ase_crystalformer", "train", "--data", str(FIXTURE), "--target", "e_form", "--epochs", "2",
            "--swa-epochs", "0", "--batch-size", "8", "--blocks", "1", "--cutoff", "7", "--out", str(tmp_path),
            "--device", "cpu", "--no-progress"]
