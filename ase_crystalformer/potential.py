@@ -37,6 +37,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 
+from .checkpoint import read_checkpoint
 from .config import ModelConfig, TargetSpec, TrainConfig
 from .data import load_dataset
 from .domain import training_domain
@@ -266,8 +267,16 @@ def reference_per_atom(model: Crystalformer, structures: Sequence[Atoms]) -> np.
 
 
 # ------------------------------------------------------------------------------- examples
-def make_examples(frames: Sequence[Frame], refs: References, cutoff: float) -> tuple[list[Example], list[str]]:
-    """Training examples (label: residual energy per atom) and the source of each."""
+def make_examples(
+    frames: Sequence[Frame], refs: References, cutoff: float, relaxed_energies: bool = True
+) -> tuple[list[Example], list[str]]:
+    """Training examples (label: residual energy per atom) and the source of each.
+
+    ``relaxed_energies=False``: the relaxed structures' energy label is NaN (masked in the
+    loss), so they teach zero forces and stress only. Why one would: their formation energies
+    and MPtrj's total energies of the same materials disagree, after each source's linear
+    references, by ~0.5 eV/atom (a composition-dependent correction scheme, not a linear one),
+    and the network, which does not know the source, sees both."""
     examples, sources = [], []
     for f in frames:
         try:
@@ -275,7 +284,10 @@ def make_examples(frames: Sequence[Frame], refs: References, cutoff: float) -> t
         except StructureError as err:
             log.warning("skipped %s: %s", f.id, err)
             continue
-        residual = (f.energy - refs.energy(f.atoms.numbers, f.source)) / len(f.atoms)
+        if f.source == FORMATION_SOURCE and not relaxed_energies:
+            residual = np.nan
+        else:
+            residual = (f.energy - refs.energy(f.atoms.numbers, f.source)) / len(f.atoms)
         examples.append(Example(f.id, window, np.array([residual]), f.forces, f.stress))
         sources.append(f.file)
     return examples, sources
@@ -333,7 +345,8 @@ class PotentialTrainer(Trainer):
 
 def _summaries(rows: Sequence[tuple[str, float, float, float]]) -> dict[str, float]:
     """Mean energy (eV/atom), force (eV/Å, per structure) and stress (eV/Å³) errors, overall
-    and per source."""
+    and per source; energies over the structures that have an energy label (a source
+    without any gets no energy entry)."""
     result: dict[str, float] = {}
     groups: dict[str, list] = {"": list(rows)}
     for row in rows:
@@ -342,7 +355,9 @@ def _summaries(rows: Sequence[tuple[str, float, float, float]]) -> dict[str, flo
         values = np.array([r[1:] for r in group])
         suffix = f"/{name}" if name else ""
         for col, what in enumerate(("energy", "forces", "stress")):
-            result[f"val_mae_{what}{suffix}"] = float(values[:, col].mean())
+            known = values[np.isfinite(values[:, col]), col]
+            if len(known):
+                result[f"val_mae_{what}{suffix}"] = float(known.mean())
     return result
 
 
@@ -362,6 +377,7 @@ def train_potential(
     model_config: ModelConfig | None = None,
     steps_per_epoch: int = 150,
     relaxed_share: float = 0.5,
+    relaxed_energies: bool = True,
     max_val_relaxed: int = 200,
     resume: bool = False,
     overwrite: bool = False,
@@ -376,8 +392,11 @@ def train_potential(
     Writes the run directory of ``training.Trainer`` (locked; a used one needs ``resume`` or
     ``overwrite``) plus ``splits.json`` (frame ids per split) and ``references.json``.
     Validation holds the val frames and up to ``max_val_relaxed`` relaxed structures of the
-    fixed val split (chosen by hash).
+    fixed val split (chosen by hash). ``relaxed_energies``: see ``make_examples``. A resumed
+    run must keep its sampling (steps per epoch, relaxed share, relaxed energies).
     """
+    sampling = {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share,
+                "relaxed_energies": relaxed_energies}
     with run_directory(out_dir, resume=resume, overwrite=overwrite) as run:
         out = run.path
         torch.manual_seed(config.seed)
@@ -393,11 +412,14 @@ def train_potential(
         refs = fit_references(train_frames)
         model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
         model = Crystalformer(model_config)
-        train_ex, train_src = make_examples(train_frames, refs, model_config.cutoff)
-        val_ex, val_src = make_examples(val_frames, refs, model_config.cutoff)
+        train_ex, train_src = make_examples(train_frames, refs, model_config.cutoff, relaxed_energies)
+        val_ex, val_src = make_examples(val_frames, refs, model_config.cutoff, relaxed_energies)
         if not train_ex:
             raise DataError("no usable training frame")
         y = np.array([e.y[0] for e in train_ex])
+        y = y[np.isfinite(y)]
+        if not len(y):
+            raise DataError("no training frame with an energy label")
         model.target_mean.fill_(float(y.mean()))
         model.target_std.fill_(float(y.std()) or 1.0)
         split_ids = {k: [all_frames[i].id for i in v] for k, v in splits.items()}
@@ -421,7 +443,7 @@ def train_potential(
             "n_train": len(train_ex),
             "domain": training_domain(e.window.numbers for e in train_ex),
             "train_config": config.to_dict(),
-            "sampling": {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share},
+            "sampling": sampling,
             "command": command,
             "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
         }
@@ -433,11 +455,23 @@ def train_potential(
             steps_per_epoch=steps_per_epoch, relaxed_share=relaxed_share,
         )
         if run.state is not None:
+            _check_sampling(out, sampling)
             trainer.resume(run.state)
         trainer.fit()
         report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1), "n_train": len(train_ex)}
         write_json(report, out / "report.json")
         return report
+
+
+def _check_sampling(out: Path, sampling: dict[str, Any]) -> None:
+    """Refuse to resume a run with other labels or draws than it was started with (runs
+    from before ``relaxed_energies`` existed used them: True)."""
+    latest = out / "latest.safetensors"
+    if not latest.is_file():
+        return
+    saved = {"relaxed_energies": True, **read_checkpoint(latest)[0].metadata.get("sampling", {})}
+    if saved != sampling:
+        raise ValueError(f"{out}: the run was started with sampling {saved}; given {sampling}")
 
 
 def test_frames(data_dir: str | Path, run_or_model: Any) -> list[Frame]:

@@ -1,21 +1,21 @@
 """Transfer learning: Crystalformer embeddings as features for a property it was not trained on.
 
-Featurizes a table of structures with ``CrystalformerFeaturizer`` (the pooled embedding of a
-trained model), fits a scikit-learn regressor on a target the model never saw, and compares
-with matminer's classic hand-made features (Magpie composition statistics, density and
-symmetry features) under the same cross-validation.
+Featurizes structures with ``CrystalformerFeaturizer`` (the pooled embedding of a trained
+model), fits a scikit-learn random forest on a target that no shipped model was trained on,
+and compares with matminer's classic hand-made features (Magpie composition statistics,
+density and symmetry features) under the same 5-fold cross-validation.
 
-The default task is the bulk modulus K_VRH of de Jong et al. (Sci. Data 2, 150009, 2015),
-``mp_elastic/elastic_tensor_2015.csv`` inside the data folder given by ``--data-dir`` or the
-``CRYSTALFORMER_DATA_DIR`` environment variable; any CSV/JSON table with a structure column
-(CIF/POSCAR text or pymatgen dicts) and a numeric target works with ``--table``.
+The default task is the magnetization density (μB/Å³) of the MP-20 structures, the built-in
+``mp20`` dataset of the data folder given by ``--data-dir`` or ``CRYSTALFORMER_DATA_DIR``:
+no shipped head predicts magnetism. Any built-in dataset and label works with ``--dataset``
+and ``--target``, and any CSV/JSON table with a structure column (CIF/POSCAR text or pymatgen
+dicts) with ``--table``.
 
 Usage:
-    python examples/featurize_and_fit.py --model mp-e_form --data-dir /path/to/data
-    python examples/featurize_and_fit.py --model MODEL --table my.csv --column cif --target y
+    python examples/featurize_and_fit.py --model mp-e_form --data-dir /path/to/data --limit 3000
+    python examples/featurize_and_fit.py --model MODEL --table my.csv --column cif --target y --log10
 
-Which is better depends on the model and the property; a formation-energy model's embedding
-often carries bonding information that transfers to elastic moduli.
+Which is better depends on the model and the property: measure it (docs/results.md has ours).
 """
 
 from __future__ import annotations
@@ -31,26 +31,32 @@ import pandas as pd
 from sklearn.ensemble import RandomForestRegressor
 from sklearn.model_selection import KFold, cross_val_predict
 
+from ase_crystalformer.data import load_dataset
 from ase_crystalformer.data.files import read_csv_frame
 from ase_crystalformer.data.parse import atoms_from_pmg_dict, atoms_from_text, read_json
 from ase_crystalformer.featurizer import CrystalformerFeaturizer
 
 logger = logging.getLogger("featurize_and_fit")
-DEFAULT_TABLE = Path("mp_elastic") / "elastic_tensor_2015.csv"
 
 
-def read_table(args: argparse.Namespace) -> pd.DataFrame:
-    if args.table:
-        path = Path(args.table)
-    else:
-        root = args.data_dir or os.environ.get("CRYSTALFORMER_DATA_DIR")
-        if not root:
-            raise SystemExit("give --table, or --data-dir / CRYSTALFORMER_DATA_DIR holding " + str(DEFAULT_TABLE))
-        path = Path(root) / DEFAULT_TABLE
+def read_table(args: argparse.Namespace) -> tuple[list, np.ndarray]:
+    """Structures and target values of ``--table``."""
+    path = Path(args.table)
     if path.suffix == ".csv":
-        return read_csv_frame(path)
-    data = read_json(path)
-    return pd.DataFrame(data["data"], columns=data["columns"]) if isinstance(data, dict) else pd.DataFrame(data)
+        table = read_csv_frame(path)
+    else:
+        data = read_json(path)
+        table = pd.DataFrame(data["data"], columns=data["columns"]) if isinstance(data, dict) else pd.DataFrame(data)
+    parse = lambda v: atoms_from_pmg_dict(v) if isinstance(v, dict) else atoms_from_text(v)
+    return [parse(v) for v in table[args.column]], table[args.target].to_numpy(float)
+
+
+def read_dataset(args: argparse.Namespace) -> tuple[list, np.ndarray]:
+    """Structures and labels of the built-in dataset ``--dataset`` (every split)."""
+    if not (args.data_dir or os.environ.get("CRYSTALFORMER_DATA_DIR")):
+        raise SystemExit(f"give --data-dir or CRYSTALFORMER_DATA_DIR (the folder holding {args.dataset}), or --table")
+    dataset = load_dataset(args.dataset, [args.target], data_dir=args.data_dir)
+    return [r.atoms for r in dataset.records], np.array([r.targets[args.target] for r in dataset.records], float)
 
 
 def classic_features(structures: list, n_jobs: int) -> np.ndarray:
@@ -81,29 +87,27 @@ def cv_mae(features: np.ndarray, y: np.ndarray, seed: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="trained model name or checkpoint path (default: first shipped)")
-    parser.add_argument("--table", help="CSV/JSON table (default: the elastic set in --data-dir)")
+    parser.add_argument("--dataset", default="mp20", help="built-in dataset in --data-dir (default: mp20)")
+    parser.add_argument("--table", help="a CSV/JSON table instead of --dataset")
     parser.add_argument("--data-dir", help="data folder (or CRYSTALFORMER_DATA_DIR)")
-    parser.add_argument("--column", default="structure", help="structure column")
-    parser.add_argument("--target", default="K_VRH", help="target column")
-    parser.add_argument("--linear-target", action="store_true", help="fit the target itself, not log10")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N rows")
+    parser.add_argument("--column", default="structure", help="structure column of --table")
+    parser.add_argument("--target", default="magnetization_density", help="label or column to fit")
+    parser.add_argument("--log10", action="store_true", help="fit log10 of the (positive) target")
+    parser.add_argument("--limit", type=int, default=0, help="use only N structures (a seeded random subset)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--pooling", help="comma-separated atom poolings, e.g. mean,max,min,std (default: the featurizer's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    table = read_table(args)
+    atoms, y = read_table(args) if args.table else read_dataset(args)
+    log_target = args.log10
+    keep = np.flatnonzero(np.isfinite(y) & ((y > 0) if log_target else True))
     if args.limit:
-        table = table.iloc[: args.limit]
-    y = table[args.target].to_numpy(float)
-    log_target = not args.linear_target
-    keep = np.isfinite(y) & ((y > 0) if log_target else True)
-    table, y = table[keep].reset_index(drop=True), y[keep]
+        keep = np.sort(np.random.default_rng(args.seed).permutation(keep)[: args.limit])
+    atoms, y = [atoms[i] for i in keep], y[keep]
     if log_target:
         y = np.log10(y)
-    parse = lambda v: atoms_from_pmg_dict(v) if isinstance(v, dict) else atoms_from_text(v)
-    atoms = [parse(v) for v in table[args.column]]
     logger.info("%d structures, target %s%s", len(atoms), "log10 " if log_target else "", args.target)
 
     start = time.perf_counter()

@@ -145,3 +145,25 @@ def test_cli_refuses_a_data_dir_without_frames(tmp_path):
     result = CliRunner().invoke(main, ["train-potential", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert f"{tmp_path}: no forces/*.xyz files" in result.output
+
+
+def test_relaxed_structures_without_energies_teach_forces_only_and_the_choice_is_kept(tmp_path):
+    frames = read_frames(_frames_file(tmp_path / "mptrj.xyz", n_traj=12, per_traj=2))
+    for k, symbol in enumerate(["Cu", "Al", "Ni"] * 4):
+        atoms = bulk(symbol, "fcc", a=3.6, cubic=True)
+        frames.append(Frame(f"mp-r{k}", f"mp-r{k}", FORMATION_SOURCE, "mp-megnet", atoms, -0.5 * len(atoms),
+                            np.zeros((len(atoms), 3)), np.zeros((3, 3))))
+    fixed = {f"mp-r{k}": "train" if k < 9 else "val" for k in range(12)}
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, swa_epochs=0, force_weight=1.0, stress_weight=1.0)
+    out = tmp_path / "run"
+    train_potential(tmp_path, out, config=config, model_config=TINY, steps_per_epoch=3, relaxed_share=0.5,
+                    relaxed_energies=False, frames=(frames, fixed))
+    (row,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert np.isfinite([row["train_loss"], row["val_loss"], row["val_mae_energy"]]).all()
+    assert "val_mae_forces/mp-megnet" in row and "val_mae_energy/mp-megnet" not in row
+    assert row["val_mae_energy"] == pytest.approx(row["val_mae_energy/mptrj.xyz"])
+    assert load_model(out / "best.safetensors").metadata["sampling"]["relaxed_energies"] is False
+    config = TrainConfig(**{**config.to_dict(), "epochs": 2, "betas": tuple(config.betas)})
+    with pytest.raises(ValueError, match="'relaxed_energies': False"):
+        train_potential(tmp_path, out, config=config, model_config=TINY, steps_per_epoch=3, relaxed_share=0.5,
+                        frames=(frames, fixed), resume=True)

@@ -156,7 +156,7 @@ def _load_mp_megnet(root: Path) -> Source:
 
 
 def _mp20_files(root: Path) -> list[Path]:
-    names = [*NPY_FILES, "formation_energy_per_atom.json", "dft_band_gap.json"]
+    names = [*NPY_FILES, "formation_energy_per_atom.json", "dft_band_gap.json", "dft_mag_density.json"]
     return _require(root, "mp20", [f"mp20/{s}/{f}" for s in ("val", "test") for f in names])
 
 
@@ -177,11 +177,12 @@ def _npy_parts(root: Path, folder: str, parts: Sequence[str], labels: dict[str, 
 
 def _load_mp20(root: Path) -> Source:
     """MP-20 val + test caches with their own (newer MP) labels; the train part is not available."""
-    labels = {"formation_energy_per_atom": "formation_energy_per_atom.json", "band_gap": "dft_band_gap.json"}
+    labels = {"formation_energy_per_atom": "formation_energy_per_atom.json", "band_gap": "dft_band_gap.json",
+              "magnetization_density": "dft_mag_density.json"}
     return Source(
         "mp20",
         _npy_parts(root, "mp20", ("val", "test"), labels),
-        {"formation_energy_per_atom": "eV/atom", "band_gap": "eV"},
+        {"formation_energy_per_atom": "eV/atom", "band_gap": "eV", "magnetization_density": "μB/Å³"},
         provenance={"files": [str(p) for p in _mp20_files(root)]},
     )
 
