@@ -1,10 +1,18 @@
-"""Write a dataset (built-in name or file) to one extxyz file that trains anywhere.
+"""Write a dataset (built-in name or file), or several merged, to one extxyz file that trains anywhere.
 
 Each frame carries its ``id``, its targets and its ``split`` in ``atoms.info``, which
 ``crystalformer train --data FILE.extxyz`` reads back as the source's own split. Used to take
-the built-in datasets to a machine without ``../shared/data`` (e.g. a rented GPU).
+the built-in datasets to a machine without ``../shared/data`` (e.g. a rented GPU), and to
+train one target from several sources of the same label scheme:
 
     python scripts/export_extxyz.py mp-megnet runs/mp-megnet.extxyz --data-dir ../shared/data
+    python scripts/export_extxyz.py mp-li mp40 runs/mp-ehull.extxyz --data-dir ../shared/data \\
+        --target energy_above_hull
+
+Several sources are merged by id: each source is split as its loader splits it, an id found
+in more than one takes its most held-out role (test > val > train, the rule of
+``data.multitask``, whose ``SHIPPED_HOLDOUTS`` then keeps those test ids out of a backbone),
+and its structure and labels from the first source that has it.
 """
 
 from __future__ import annotations
@@ -15,26 +23,35 @@ from ase.io import write
 
 from ase_crystalformer.data import load_dataset
 
+RANK = {"train": 0, "val": 1, "test": 2}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source")
-    parser.add_argument("out")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE... OUT")
     parser.add_argument("--data-dir")
     parser.add_argument("--target", action="append", dest="targets")
     args = parser.parse_args()
-    dataset = load_dataset(args.source, args.targets, data_dir=args.data_dir)
-    split_of = {i: name for name, indices in dataset.splits.items() for i in indices}
-    frames = []
-    for index, record in enumerate(dataset.records):
-        if index not in split_of:
-            continue  # in no split: never used for training or evaluation
-        atoms = record.atoms.copy()
-        atoms.info = {"id": record.id, "split": split_of[index], **record.targets}
-        frames.append(atoms)
-    write(args.out, frames, format="extxyz")
-    sizes = {k: len(v) for k, v in dataset.splits.items()}
-    print(f"wrote {len(frames)} structures to {args.out}; splits {sizes}; skipped {len(dataset.skipped)}")
+    if len(args.sources) < 2:
+        parser.error("give at least one SOURCE and the OUT file")
+    *sources, out = args.sources
+    frames, role = {}, {}
+    for source in sources:
+        dataset = load_dataset(source, args.targets, data_dir=args.data_dir)
+        for name, indices in dataset.splits.items():
+            for index in indices:  # an id in no split is never used for training or evaluation
+                record = dataset.records[index]
+                if record.id not in frames:
+                    frames[record.id] = record.atoms.copy()
+                    frames[record.id].info = {"id": record.id, **record.targets}
+                if RANK[name] > RANK.get(role.get(record.id, "train"), 0) or record.id not in role:
+                    role[record.id] = name
+        print(f"{source}: {sum(map(len, dataset.splits.values()))} structures in splits, skipped {len(dataset.skipped)}")
+    for rid, atoms in frames.items():
+        atoms.info["split"] = role[rid]
+    write(out, list(frames.values()), format="extxyz")
+    sizes = {name: sum(r == name for r in role.values()) for name in RANK}
+    print(f"wrote {len(frames)} structures to {out}; splits {sizes}")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def test_holdout_ids_are_the_megnet_val_test_and_the_shipped_test_splits():
     held = holdout_ids(DATA)
     board = read_json(DATA / "jarvis_leaderboard" / "megnet_e_form.json.zip")
     assert held["mp-megnet test"] >= set(board["test"]) and held["mp-megnet val"] >= set(board["val"])
-    for name in ("mp-elastic", "perov5"):
+    for name in ("mp-elastic", "perov5", "mp-li", "mp40"):
         ds = load_dataset(name, data_dir=DATA)
         assert held[f"{name} test"] == {r.id for r in ds.subset("test")}, name
 
