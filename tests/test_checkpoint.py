@@ -3,6 +3,7 @@
 import json
 import struct
 import warnings
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -341,3 +342,20 @@ def test_cli_train_reports_a_bad_config_as_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "cutoff=10000.0 Å is above the supported maximum of 20.0 Å" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_every_shipped_model_lists_the_test_mae_of_its_card():
+    """Single checkpoints carry ``test_mae`` in their header, committees in committee.json."""
+    from click.testing import CliRunner
+
+    from ase_crystalformer.checkpoint import list_models
+    from ase_crystalformer.cli import main
+
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
+    for name in list_models():
+        mae = float(rows[name][4])
+        card = (Path(__file__).parent.parent / "checkpoints" / name / "README.md").read_text()
+        assert "| test | " in card and f" {rows[name][4]} " in card, name
+        assert mae > 0
