@@ -19,40 +19,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ase_crystalformer import ModelConfig, TargetSpec
 from ase_crystalformer.checkpoint import load_model
 from ase_crystalformer.config import DOMAINS, TrainConfig
 from ase_crystalformer.data import load_dataset
 from ase_crystalformer.evaluation import evaluate
-from ase_crystalformer.geometry import collate
-from ase_crystalformer.reciprocal import MixedSpaceAttention
-from ase_crystalformer.training import make_examples, train
+from ase_crystalformer.training import train
+from route_gates import route_gates  # scripts/route_gates.py, beside this file
 
 TINY = ModelConfig(n_blocks=2, d_model=64, n_heads=4, d_ff=128, d_head_mlp=64, n_rbf=32, cutoff=7.0)
-
-
-def route_gates(model, dataset) -> list[list[float]]:
-    """Mean real-space weight g per layer and head over the validation split (routed only)."""
-    examples, _ = make_examples(dataset, dataset.splits["val"], model.config)
-    hooks, seen = [], {}
-    for layer, block in enumerate(model.blocks):
-        attention = block.attention
-        if isinstance(attention, MixedSpaceAttention) and attention.kind == "routed":
-
-            def grab(module, args, layer=layer):
-                q = module.q_proj(args[0]).view(args[0].shape[0], module.n_heads, module.d_head)
-                seen.setdefault(layer, []).append(module.route(q).detach())
-
-            hooks.append(attention.register_forward_pre_hook(grab))
-    model.eval()
-    with torch.no_grad():
-        for k in range(0, len(examples), 64):
-            model(collate([e.window for e in examples[k : k + 64]], model.dtype))
-    for hook in hooks:
-        hook.remove()
-    return [torch.cat(seen[layer]).mean(0).tolist() for layer in sorted(seen)]
 
 
 def main() -> None:
@@ -80,7 +56,8 @@ def main() -> None:
         for split in ("val", "test"):
             result[f"{kind}_{split}_mae"] = evaluate(model, dataset, split)[0][args.target]["mae"]
     if args.domain == "routed":
-        result["route_gates"] = np.round(route_gates(load_model(Path(args.out) / "best.safetensors"), dataset), 3).tolist()
+        gates = route_gates(load_model(Path(args.out) / "best.safetensors"), dataset)
+        result["route_gates"] = [np.round(g.mean(0).numpy(), 3).tolist() for g in gates.values()]
     print(json.dumps(result))
 
 

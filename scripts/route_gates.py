@@ -1,0 +1,69 @@
+"""What a routed model learned: the weight of each head's real-space output, per layer.
+
+    python scripts/route_gates.py --model runs/recip/eform-routed/best.safetensors \\
+        --data mp-megnet --data-dir ../shared/data [--split val]
+
+A routed head mixes g·o_real + (1 − g)·o_reciprocal with g = sigmoid(q_i·u_h + c_h) per atom
+(``reciprocal.MixedSpaceAttention``). Prints, per layer and head, the mean g over the atoms
+of the split's structures and the share of atoms with g < 0.5 (mostly reciprocal): g = 0.5 is
+where training started, 1 a real-space head, 0 a reciprocal one.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ase_crystalformer.checkpoint import load_model
+from ase_crystalformer.data import load_dataset
+from ase_crystalformer.geometry import collate
+from ase_crystalformer.reciprocal import MixedSpaceAttention
+from ase_crystalformer.training import make_examples
+
+
+def route_gates(model, dataset, split: str = "val") -> dict[int, torch.Tensor]:
+    """g per atom and head (N, H) of every routed layer over ``split``'s structures."""
+    examples, _ = make_examples(dataset, dataset.splits[split], model.config)
+    hooks, seen = [], {}
+    for layer, block in enumerate(model.blocks):
+        attention = block.attention
+        if isinstance(attention, MixedSpaceAttention) and attention.kind == "routed":
+
+            def grab(module, args, layer=layer):
+                q = module._project(args[0])[0]
+                seen.setdefault(layer, []).append(module.route(q).detach())
+
+            hooks.append(attention.register_forward_pre_hook(grab))
+    model.eval()
+    with torch.no_grad():
+        for k in range(0, len(examples), 64):
+            model(collate([e.window for e in examples[k : k + 64]], model.dtype))
+    for hook in hooks:
+        hook.remove()
+    return {layer: torch.cat(values) for layer, values in sorted(seen.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--split", default="val")
+    args = parser.parse_args()
+    model = load_model(args.model)
+    dataset = load_dataset(args.data, [t.name for t in model.config.targets], data_dir=args.data_dir)
+    gates = route_gates(model, dataset, args.split)
+    if not gates:
+        raise SystemExit(f"{args.model}: no routed layer (domain {model.config.domain!r})")
+    heads = model.config.n_heads
+    print("| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " |")
+    print("|---|" + "---|" * heads)
+    for layer, g in gates.items():
+        cells = [f"{g[:, h].mean():.2f} ({(g[:, h] < 0.5).float().mean():.0%})" for h in range(heads)]
+        print(f"| {layer} | " + " | ".join(cells) + " |")
+    print(f"\nmean real-space weight g per head (share of atoms with g < 0.5), {args.split}, {len(next(iter(gates.values())))} atoms")
+
+
+if __name__ == "__main__":
+    main()
