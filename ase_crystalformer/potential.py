@@ -276,7 +276,8 @@ def make_examples(
     loss), so they teach zero forces and stress only. Why one would: their formation energies
     and MPtrj's total energies of the same materials disagree, after each source's linear
     references, by ~0.5 eV/atom (a composition-dependent correction scheme, not a linear one),
-    and the network, which does not know the source, sees both."""
+    and the network, which does not know the source, sees both. Measured over 12 sub-epochs
+    it did not help (in_training/dft-pes-atoms/README.md), so the default keeps them."""
     examples, sources = [], []
     for f in frames:
         try:
