@@ -661,7 +661,7 @@ def _featurize_part(featurizer, job: tuple) -> tuple:
 @click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output table (.csv, .json or .parquet).")
 @click.option("--model", "model_name", help="Model name or checkpoint path; default: the first shipped model.")
 @click.option("--mode", type=click.Choice(["embedding", "predictions", "both"]), default="embedding", show_default=True)
-@click.option("--pooling", default="mean", show_default=True, help="Statistics of the atom features in the embedding, comma-separated from mean, max, min, std (e.g. mean,max,min,std: 4 x d columns).")
+@click.option("--pooling", default="mean,max,min,std", show_default=True, help="Statistics of the atom features in the embedding, comma-separated from mean, max, min, std (all four: 4 x d columns; mean: d, the head's input).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @device_option
 @click.option("--ignore-errors", is_flag=True, help="Give failing rows NaN features and an error column instead of stopping.")

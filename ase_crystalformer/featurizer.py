@@ -89,6 +89,8 @@ _SETTINGS = ("model", "mode", "device", "pooling")  # what the features depend o
 #: Statistics over a crystal's atoms that the embedding can keep; "mean" is the vector the
 #: prediction head reads.
 POOLINGS = ("mean", "max", "min", "std")
+#: The default pooling: every statistic (the mean alone loses how the atoms differ).
+DEFAULT_POOLING = POOLINGS
 _SKIP_HINT = (
     "\nTO SKIP THESE ERRORS when featurizing specific compounds, set 'ignore_errors=True' "
     "when running the batch featurize() operation (e.g., featurize_many(), "
@@ -123,12 +125,13 @@ class CrystalformerFeaturizer(BaseFeaturizer):
     Features:
         crystalformer emb <k>: component k of the mean over atoms of the atom features
             after the last attention block (the vector the prediction head reads), for mode
-            "embedding" or "both" with "mean" in ``pooling`` (the default). Unitless;
+            "embedding" or "both" with "mean" in ``pooling``. Unitless;
             d = ``model.config.d_model`` columns.
         crystalformer emb <stat> <k>: the same atom features' max, min or std (population,
-            over the crystal's atoms; 0 for one atom) when ``pooling`` names them: e.g.
-            ``pooling=("mean", "max", "min", "std")`` gives 4·d columns that keep how the
-            atoms differ, which the mean alone averages away.
+            over the crystal's atoms; 0 for one atom) when ``pooling`` names them. The
+            default, ``("mean", "max", "min", "std")``, gives 4·d columns that keep how the
+            atoms differ, which the mean alone averages away (``pooling="mean"``: d columns,
+            the head's input; measured against it in docs/results.md).
         crystalformer <property>: the model's prediction of each of its targets, named as
             by the ASE calculator (e.g. ``formation_energy_per_atom`` in eV/atom,
             ``band_gap`` in eV, ``bulk_modulus_vrh`` in GPa; see
@@ -160,7 +163,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         mode: Mode = "embedding",
         device: str = "auto",
         batch_size: int = 64,
-        pooling: Sequence[str] = ("mean",),
+        pooling: Sequence[str] = DEFAULT_POOLING,
     ) -> None:
         if mode not in ("embedding", "predictions", "both"):
             raise ValueError(f"mode={mode!r}; use 'embedding', 'predictions' or 'both'")

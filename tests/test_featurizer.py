@@ -49,7 +49,7 @@ def frame() -> pd.DataFrame:
 
 
 def test_features_are_the_model_embedding_and_predictions(model, frame) -> None:
-    feat = CrystalformerFeaturizer(model, mode="both", device="cpu")
+    feat = CrystalformerFeaturizer(model, mode="both", device="cpu", pooling="mean")
     good = [frame.structure[i] for i in (0, 1, 3)]
     with torch.no_grad():
         emb = model.embed(model.make_batch(good)).numpy()
@@ -62,6 +62,10 @@ def test_features_are_the_model_embedding_and_predictions(model, frame) -> None:
     assert labels[0] == "crystalformer emb 0" and len(labels) == 18
     assert labels[16:] == ["crystalformer formation_energy_per_atom", "crystalformer band_gap"]
     assert len(CrystalformerFeaturizer(model, mode="predictions").feature_labels()) == 2
+    # The default keeps every statistic, the mean's d columns first.
+    default = CrystalformerFeaturizer(model, device="cpu")
+    assert default.pooling == ("mean", "max", "min", "std") and len(default.feature_labels()) == 4 * 16
+    np.testing.assert_allclose(np.array(default.featurize(good[0]))[:16], emb[0], rtol=1e-5, atol=1e-6)
 
 
 def test_batched_equals_matminers_one_by_one_path(model, frame) -> None:
@@ -112,7 +116,8 @@ def test_single_structure_errors_are_raised_unchanged(model) -> None:
 
 def test_matminer_and_sklearn_contract(model, monkeypatch) -> None:
     feat = CrystalformerFeaturizer(model, mode="embedding", device="cpu", batch_size=8)
-    assert feat.get_params() == {"model": model, "mode": "embedding", "device": "cpu", "batch_size": 8, "pooling": ("mean",)}
+    assert feat.get_params() == {"model": model, "mode": "embedding", "device": "cpu", "batch_size": 8,
+                                "pooling": ("mean", "max", "min", "std")}
     assert clone(feat).batch_size == 8
     feat.set_n_jobs(4)
     assert feat.n_jobs == 1
@@ -231,7 +236,7 @@ def _run_forking_script(tmp_path, text: str) -> str:
 
 def test_multiple_featurizer_at_matminer_defaults_finishes(tmp_path) -> None:
     """matminer forks a pool per MultipleFeaturizer; a forked worker must not hang in torch."""
-    assert _run_forking_script(tmp_path, _MULTIPLE_AT_DEFAULTS) == "OK (12, 20)"
+    assert _run_forking_script(tmp_path, _MULTIPLE_AT_DEFAULTS) == "OK (12, 68)"
 
 
 def test_multiple_featurizer_over_featurizers_stays_batched(model, frame, monkeypatch) -> None:
@@ -250,7 +255,7 @@ def test_multiple_featurizer_over_featurizers_stays_batched(model, frame, monkey
     assert sizes == [2, 2, 2]  # batches of batch_size, not one structure at a time
     with torch.no_grad():
         expected = model.embed(model.make_batch(good)).numpy()
-    np.testing.assert_allclose(np.array(out)[:, 3:], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(out)[:, 3:19], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fit_keeps_the_features_and_featurize_answers_from_them(model, frame, monkeypatch) -> None:
@@ -316,10 +321,10 @@ def test_fit_is_dropped_with_its_settings_and_not_pickled(model, frame) -> None:
     assert feat.features_ is kept  # values do not depend on the batch size
     feat.set_params(mode="both")
     assert not hasattr(feat, "features_")
-    assert len(feat.featurize(frame.structure[0])) == 18  # recomputed for the new mode
+    assert len(feat.featurize(frame.structure[0])) == 4 * 16 + 2  # recomputed for the new mode
     assert not hasattr(pickle.loads(pickle.dumps(feat)), "features_")
     feat.fit([], pbar=False)
-    assert feat.features_.values.shape == (0, 18)
+    assert feat.features_.values.shape == (0, 4 * 16 + 2)
 
 
 _FIT_MULTIPLE_AT_DEFAULTS = """
