@@ -112,6 +112,8 @@ def main() -> None:
     atoms, y = [atoms[i] for i in keep], y[keep]
     if log_target:
         y = np.log10(y)
+    if len(y) < 10:
+        raise SystemExit(f"{len(y)} structures with a usable {args.target}: 5-fold cross-validation needs at least 10")
     logger.info("%d structures, target %s%s", len(atoms), "log10 " if log_target else "", args.target)
 
     start = time.perf_counter()
