@@ -394,12 +394,14 @@ def train_potential(
     ``overwrite``) plus ``splits.json`` (frame ids per split) and ``references.json``.
     Validation holds the val frames and up to ``max_val_relaxed`` relaxed structures of the
     fixed val split (chosen by hash). ``relaxed_energies``: see ``make_examples``. A resumed
-    run must keep its sampling (steps per epoch, relaxed share, relaxed energies).
+    run must keep its sampling (steps per epoch, relaxed share, relaxed energies, validation size).
     """
     sampling = {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share,
-                "relaxed_energies": relaxed_energies}
+                "relaxed_energies": relaxed_energies, "max_val_relaxed": max_val_relaxed}
     with run_directory(out_dir, resume=resume, overwrite=overwrite) as run:
         out = run.path
+        if run.state is not None:  # before anything in the run directory is rewritten
+            _check_sampling(out, sampling)
         torch.manual_seed(config.seed)
         start = time.perf_counter()
         all_frames, fixed = frames if frames is not None else read_all(data_dir)
@@ -417,6 +419,9 @@ def train_potential(
         val_ex, val_src = make_examples(val_frames, refs, model_config.cutoff, relaxed_energies)
         if not train_ex:
             raise DataError("no usable training frame")
+        if val_ex and not any(np.isfinite(e.y[0]) for e in val_ex):
+            raise DataError("no validation frame has an energy label (only relaxed structures, "
+                            "and relaxed_energies=False): validation could not score energies")
         y = np.array([e.y[0] for e in train_ex])
         y = y[np.isfinite(y)]
         if not len(y):
@@ -456,7 +461,6 @@ def train_potential(
             steps_per_epoch=steps_per_epoch, relaxed_share=relaxed_share,
         )
         if run.state is not None:
-            _check_sampling(out, sampling)
             trainer.resume(run.state)
         trainer.fit()
         report = {"epochs_run": trainer.epoch, "wall_time_s": round(trainer.wall_time, 1), "n_train": len(train_ex)}
@@ -465,12 +469,12 @@ def train_potential(
 
 
 def _check_sampling(out: Path, sampling: dict[str, Any]) -> None:
-    """Refuse to resume a run with other labels or draws than it was started with (runs
-    from before ``relaxed_energies`` existed used them: True)."""
+    """Refuse to resume a run with other labels, draws or validation set than it was started
+    with (runs from before these were recorded used the defaults of their time)."""
     latest = out / "latest.safetensors"
     if not latest.is_file():
         return
-    saved = {"relaxed_energies": True, **read_checkpoint(latest)[0].metadata.get("sampling", {})}
+    saved = {"relaxed_energies": True, "max_val_relaxed": 200, **read_checkpoint(latest)[0].metadata.get("sampling", {})}
     if saved != sampling:
         raise ValueError(f"{out}: the run was started with sampling {saved}; given {sampling}")
 

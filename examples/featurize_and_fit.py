@@ -40,15 +40,17 @@ logger = logging.getLogger("featurize_and_fit")
 
 
 def read_table(args: argparse.Namespace) -> tuple[list, np.ndarray]:
-    """Structures and target values of ``--table``."""
+    """Structure cells (parsed later, only for the rows used) and target values of ``--table``."""
     path = Path(args.table)
     if path.suffix == ".csv":
         table = read_csv_frame(path)
     else:
         data = read_json(path)
         table = pd.DataFrame(data["data"], columns=data["columns"]) if isinstance(data, dict) else pd.DataFrame(data)
-    parse = lambda v: atoms_from_pmg_dict(v) if isinstance(v, dict) else atoms_from_text(v)
-    return [parse(v) for v in table[args.column]], table[args.target].to_numpy(float)
+    missing = [c for c in (args.column, args.target) if c not in table.columns]
+    if missing:
+        raise SystemExit(f"{path}: no column {missing}; it has {list(table.columns)} (--column, --target)")
+    return list(table[args.column]), table[args.target].to_numpy(float)
 
 
 def read_dataset(args: argparse.Namespace) -> tuple[list, np.ndarray]:
@@ -110,6 +112,9 @@ def main() -> None:
     if args.limit:
         keep = np.sort(np.random.default_rng(args.seed).permutation(keep)[: args.limit])
     atoms, y = [atoms[i] for i in keep], y[keep]
+    if args.table:
+        parse = lambda v: atoms_from_pmg_dict(v) if isinstance(v, dict) else atoms_from_text(v)
+        atoms = [parse(v) for v in atoms]
     if log_target:
         y = np.log10(y)
     if len(y) < 10:

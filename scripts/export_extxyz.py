@@ -10,9 +10,10 @@ train one target from several sources of the same label scheme:
         --target energy_above_hull
 
 Several sources are merged by id: each source is split as its loader splits it, an id found
-in more than one takes its most held-out role (test > val > train, the rule of
-``data.multitask``, whose ``SHIPPED_HOLDOUTS`` then keeps those test ids out of a backbone),
-and its structure and labels from the first source that has it.
+in more than one takes its most held-out role (test > val > train; for sources without a
+split of their own, as mp-li and mp40, this is ``data.multitask``'s rule, whose
+``SHIPPED_HOLDOUTS`` then keeps those test ids out of a backbone), and its structure and
+labels from the first source that has it (the count of differing labels is printed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     if len(args.sources) < 2:
         parser.error("give at least one SOURCE and the OUT file")
     *sources, out = args.sources
-    frames, role = {}, {}
+    frames, role, conflicts = {}, {}, 0
     for source in sources:
         dataset = load_dataset(source, args.targets, data_dir=args.data_dir)
         for name, indices in dataset.splits.items():
@@ -44,6 +45,9 @@ def main() -> None:
                 if record.id not in frames:
                     frames[record.id] = record.atoms.copy()
                     frames[record.id].info = {"id": record.id, **record.targets}
+                else:
+                    kept = frames[record.id].info
+                    conflicts += any(k in kept and abs(kept[k] - v) > 1e-6 for k, v in record.targets.items())
                 if RANK[name] > RANK.get(role.get(record.id, "train"), 0) or record.id not in role:
                     role[record.id] = name
         print(f"{source}: {sum(map(len, dataset.splits.values()))} structures in splits, skipped {len(dataset.skipped)}")
@@ -51,7 +55,8 @@ def main() -> None:
         atoms.info["split"] = role[rid]
     write(out, list(frames.values()), format="extxyz")
     sizes = {name: sum(r == name for r in role.values()) for name in RANK}
-    print(f"wrote {len(frames)} structures to {out}; splits {sizes}")
+    print(f"wrote {len(frames)} structures to {out}; splits {sizes}; "
+          f"{conflicts} ids with labels differing between sources (the first source's kept)")
 
 
 if __name__ == "__main__":

@@ -52,10 +52,12 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
     model = load_model(args.model)
-    dataset = load_dataset(args.data, [t.name for t in model.config.targets], data_dir=args.data_dir)
-    gates = route_gates(model, dataset, args.split)
-    if not gates:
+    if not any(getattr(b.attention, "kind", None) == "routed" for b in model.blocks):
         raise SystemExit(f"{args.model}: no routed layer (domain {model.config.domain!r})")
+    dataset = load_dataset(args.data, [t.name for t in model.config.targets], data_dir=args.data_dir)
+    if not dataset.splits.get(args.split):
+        raise SystemExit(f"{args.data}: no structures in split {args.split!r}; splits {sorted(dataset.splits)}")
+    gates = route_gates(model, dataset, args.split)
     heads = model.config.n_heads
     print("| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " |")
     print("|---|" + "---|" * heads)

@@ -167,3 +167,10 @@ def test_relaxed_structures_without_energies_teach_forces_only_and_the_choice_is
     with pytest.raises(ValueError, match="'relaxed_energies': False"):
         train_potential(tmp_path, out, config=config, model_config=TINY, steps_per_epoch=3, relaxed_share=0.5,
                         frames=(frames, fixed), resume=True)
+    # Validation that could not score an energy is refused before training.
+    only_relaxed = {f"mp-r{k}": "val" if k < 9 else "train" for k in range(12)}
+    mptrj = [f for f in frames if f.source != FORMATION_SOURCE]
+    with pytest.raises(DataError, match="no validation frame has an energy label"):
+        train_potential(tmp_path, tmp_path / "run2", config=config, model_config=TINY, steps_per_epoch=3,
+                        relaxed_energies=False, frames=(mptrj + [f for f in frames if f.source == FORMATION_SOURCE],
+                                                        {**only_relaxed, **{f.group: "train" for f in mptrj}}))
