@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
     model = load_model(args.model)
+    model = getattr(model, "members", [model])[0]  # a committee: its first member's gates
     if not any(getattr(b.attention, "kind", None) == "routed" for b in model.blocks):
         raise SystemExit(f"{args.model}: no routed layer (domain {model.config.domain!r})")
     dataset = load_dataset(args.data, [t.name for t in model.config.targets], data_dir=args.data_dir)
