@@ -89,6 +89,9 @@ class ModelConfig:
     over all atoms of the crystal, or a mix: ``"alternating"`` layers (even layers real),
     ``"dual"`` (in every layer the first half of the heads real, the rest reciprocal) and
     ``"routed"`` (every head both, mixed by a learned per-atom gate). See ``reciprocal.py``.
+    ``route_temperature`` multiplies the gate's logit: Adam moves a parameter by about lr per
+    step whatever its gradient's scale, so at temperature 1 a gate moves a few hundredths in a
+    16-epoch run and never commits (docs/results.md); a larger one lets it reach either space.
 
     ``readout="mean"`` is the paper's: the head MLP on the mean of the atom features.
     ``"atoms"`` applies the head to every atom and averages its outputs, so that an energy
@@ -110,6 +113,7 @@ class ModelConfig:
     activation: Activation = "relu"
     domain: Domain = "real"
     reciprocal_scale: float = 2.2
+    route_temperature: float = 10.0
     readout: Readout = "mean"
     targets: tuple[TargetSpec, ...] = field(default_factory=lambda: (TargetSpec("target"),))
 
@@ -144,6 +148,8 @@ class ModelConfig:
             raise ValueError(f"unknown readout {self.readout!r}; use one of {', '.join(READOUTS)}")
         if self.reciprocal_scale <= 0:
             raise ValueError(f"reciprocal_scale must be positive, got {self.reciprocal_scale}")
+        if _finite("route_temperature", self.route_temperature) <= 0:
+            raise ValueError(f"route_temperature must be positive, got {self.route_temperature}")
         if self.activation not in ("relu", "gelu", "silu"):
             raise ValueError(f"unknown activation {self.activation!r}; use relu, gelu or silu")
         if not isinstance(self.targets, tuple) or not all(isinstance(t, TargetSpec) for t in self.targets):

@@ -15,7 +15,10 @@ crystal and model long-range interactions. They use plain values v_j (no edge en
 k-space, found per crystal from its cell), of which one half-space is kept since the cosine
 is even. A dropped term weighs < e^{−KAPPA²/2} = 1.3e-14 of the k = 0 term for any σ ≥
 σ_min, and all dropped terms together (about the tail of a 3D Gaussian of width 1/σ beyond
-KAPPA/σ) ~8e-14 of the self pair's lattice sum, which is ≥ 1. The sphere does not depend
+KAPPA/σ) ~8e-14 of the self pair's lattice sum, which is ≥ 1. That is for float64; in
+lower precision the sphere is ``KAPPA_LOW`` = 6 (a dropped term < 1.5e-8, the whole tail
+~7.5e-8 of the self sum, below float32's eps and its clamp floor below), with (6/8)³ ≈ 0.42
+of the waves. The sphere does not depend
 on the cell that describes the crystal, so the sum keeps the model's invariance to
 supercells and basis changes.
 
@@ -27,8 +30,9 @@ precision), i.e. exp(α_ij) ≥ floor·exp(α_ii): a clamped pair keeps a weight
 ``floor`` of the self pair's, where the true value is anyway, and log never sees ≤ 0.
 
 **Cost.** All N_c² pairs of each crystal, through cos(k·(p_j − p_i)) = cos k·p_i cos k·p_j +
-sin k·p_i sin k·p_j: one (N_c·H, 2K) @ (2K, N_c) matmul per crystal and head group,
-O(N_c²·H·K) with K ≈ 1.15·|V|/Å³ waves for the default σ_min.
+sin k·p_i sin k·p_j: one (N_c·H, 2K) @ (2K, N_c) product per crystal, O(N_c²·H·K) with
+K ≈ 1.15·|V|/Å³ waves for the default σ_min; crystals of similar size share one padded,
+batched product (``WaveBlock``).
 """
 
 from __future__ import annotations
@@ -41,15 +45,18 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols
 from ase.formula import Formula
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import MAX_SLOTS, PeriodicAttention, WindowGeometry
+from .attention import MAX_SLOTS, PeriodicAttention, WindowGeometry, _tiny
 from .config import ModelConfig
 from .errors import StructureError
 
-#: σ_min·|k| of the largest reciprocal vector summed (see the module docstring).
+#: σ_min·|k| of the largest reciprocal vector summed, in float64 and in lower precision
+#: (see the module docstring).
 KAPPA = 8.0
+KAPPA_LOW = 6.0
 
 
 def reciprocal_window(cell: np.ndarray, k_max: float) -> np.ndarray:
@@ -66,20 +73,61 @@ def reciprocal_window(cell: np.ndarray, k_max: float) -> np.ndarray:
 
 
 @dataclass
-class CrystalWaves:
-    """One crystal's plane waves: |k|² (K,), [cos k·p_i, sin k·p_i] (n, 2K), log |V|."""
+class WaveBlock:
+    """Crystals of similar size and wave count, padded to S atoms and K waves, so that one
+    batched matmul serves them all (a loop over crystals cost more than the arithmetic of
+    MP-sized cells).
 
-    k2: torch.Tensor
-    waves: torch.Tensor
-    log_volume: torch.Tensor
+    ``cosines`` holds cos k·(p_j − p_i) for every pair and wave, (C, S, K, S): it does not
+    depend on the layer, so every layer's lattice sum is one batched product with its
+    Gaussian weights. It is None for a crystal too large to hold it; its rows are then made
+    per chunk of query atoms from ``waves``. ``atoms`` are the batch atoms of these crystals,
+    crystal after crystal, and ``slot`` their rows among the C·S padded ones. Padded waves
+    have |k|² = ``PAD_K2``, whose Gaussian weight is exactly 0 for every σ (so they drop out
+    of every sum), padded atoms ``atom_mask`` False (no
+    query attends to them).
+    """
+
+    k2: torch.Tensor  # (C, K) |k|², PAD_K2 on padding
+    waves: torch.Tensor  # (C, S, 2K) [cos k·p_i, sin k·p_i]
+    cosines: torch.Tensor | None  # (C, S, K, S)
+    log_volume: torch.Tensor  # (C,) log |V|
+    atom_mask: torch.Tensor  # (C, S) bool
+    atoms: torch.Tensor  # (n,) long, batch atoms of the block
+    slot: torch.Tensor  # (n,) long, their padded rows
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, S, K)."""
+        c, s = self.atom_mask.shape
+        return c, s, self.k2.shape[1]
+
+    def padded(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Per-atom x (N, ...) of the batch as (C, S, ...), ``fill`` on padded atoms."""
+        c, s, _ = self.shape
+        rows = x.index_select(0, self.atoms)
+        if len(self.atoms) == c * s:  # no padding: the slots are the block's atoms in order
+            return rows.view(c, s, *x.shape[1:])
+        out = x.new_full((c * s, *x.shape[1:]), fill).index_copy(0, self.slot, rows)
+        return out.view(c, s, *x.shape[1:])
+
+    def cosine_rows(self, a: int, b: int) -> torch.Tensor:
+        """cos k·(p_j − p_i) for query rows a..b−1, (C, b−a, K, S)."""
+        if self.cosines is not None:
+            return self.cosines[:, a:b]
+        k = self.k2.shape[1]
+        cos, sin = self.waves[..., :k], self.waves[..., k:]
+        return (cos[:, a:b, :, None] * cos.transpose(1, 2)[:, None]
+                + sin[:, a:b, :, None] * sin.transpose(1, 2)[:, None])
 
 
 @dataclass
 class ReciprocalGeometry:
-    """Plane waves of every crystal in a batch (atoms of a crystal are contiguous)."""
+    """Plane waves of every crystal in a batch, in blocks; ``inverse`` puts the blocks'
+    atoms (concatenated) back in batch order."""
 
-    crystals: list[CrystalWaves]
-    sizes: list[int]  # atoms per crystal
+    blocks: list[WaveBlock]
+    inverse: torch.Tensor  # (N,) long
     floor: float  # lower clamp of the series relative to its value at r = 0
 
 
@@ -109,6 +157,32 @@ def check_periodic(config: ModelConfig, atoms_list, labels) -> None:
             _refuse_open(np.asarray(atoms.pbc, dtype=bool), label, config.domain)
 
 
+#: Crystals share a block while their atoms and waves are at least these fractions of the
+#: block's first (largest) and its (C, S, K, S) cosines stay within ``MAX_SLOTS`` entries;
+#: a crystal larger than that is a block of its own, without stored cosines.
+BLOCK_ATOM_FILL = 0.75
+#: |k|² of a padded wave, Å⁻²: its Gaussian weight exp(−σ²|k|²/2) is far below the
+#: threshold of ``log_lattice_sum`` for any σ ≥ σ_min, so it is exactly 0.
+PAD_K2 = 1e4
+BLOCK_WAVE_FILL = 0.5
+
+
+def _group(sizes: list[int], waves: list[int]) -> list[list[int]]:
+    """Crystal indices per block: sorted by size, then by wave count, largest first."""
+    order = sorted(range(len(sizes)), key=lambda b: (-sizes[b], -waves[b]))
+    groups: list[list[int]] = []
+    for b in order:
+        if groups:
+            group = groups[-1]
+            s, k = sizes[group[0]], max(max(waves[x] for x in group), waves[b])
+            if (sizes[b] >= BLOCK_ATOM_FILL * s and waves[b] >= BLOCK_WAVE_FILL * k
+                    and (len(group) + 1) * s * s * k <= MAX_SLOTS):
+                group.append(b)
+                continue
+        groups.append([b])
+    return groups
+
+
 def reciprocal_geometry(batch, config: ModelConfig) -> ReciprocalGeometry:
     """Reciprocal window and plane waves of each crystal, differentiable in positions and
     cells (forces, stress); the window itself depends only on the cell."""
@@ -118,32 +192,56 @@ def reciprocal_geometry(batch, config: ModelConfig) -> ReciprocalGeometry:
     for b in range(len(sizes)):
         numbers = batch.numbers[offsets[b] : offsets[b + 1]].tolist()
         _refuse_open(pbc[b], f"structure {b} of the batch ({Formula.from_list([chemical_symbols[z] for z in numbers])})", config.domain)
-    k_max = KAPPA / config.reciprocal_sigma_min
     cells = batch.cells
+    k_max = (KAPPA if cells.dtype == torch.float64 else KAPPA_LOW) / config.reciprocal_sigma_min
+    device = cells.device
     recip = 2 * math.pi * torch.linalg.inv(cells).transpose(1, 2)  # (B, 3, 3), rows b_l
     log_volume = torch.linalg.det(cells).abs().log()  # |V|: a left-handed cell has det < 0
     cells_np = cells.detach().cpu().double().numpy()
-    crystals = []
-    for b, (p, rb, lv) in enumerate(zip(batch.positions.split(sizes), recip.unbind(0), log_volume.unbind(0))):
-        m = torch.from_numpy(reciprocal_window(cells_np[b], k_max)).to(cells)
-        kvec = m @ rb  # (K, 3)
-        phase = p @ kvec.T  # (n, K)
-        crystals.append(CrystalWaves((kvec * kvec).sum(-1), torch.cat([phase.cos(), phase.sin()], 1), lv))
+    windows = [reciprocal_window(cells_np[b], k_max) for b in range(len(sizes))]
+    blocks, placed = [], []
+    for group in _group(sizes, [len(m) for m in windows]):
+        c, s, k = len(group), sizes[group[0]], max(len(windows[b]) for b in group)
+        m = np.zeros((c, k, 3))
+        real_wave = np.zeros((c, k), dtype=bool)
+        atom_mask = np.zeros((c, s), dtype=bool)
+        for a, b in enumerate(group):
+            m[a, : len(windows[b])] = windows[b]
+            real_wave[a, : len(windows[b])] = True
+            atom_mask[a, : sizes[b]] = True
+        atoms = torch.from_numpy(np.concatenate([np.arange(offsets[b], offsets[b + 1]) for b in group])).to(device)
+        slot = torch.from_numpy(np.flatnonzero(atom_mask)).to(device)
+        index = torch.tensor(group, device=device)
+        kvec = torch.from_numpy(m).to(cells) @ recip.index_select(0, index)  # (C, K, 3)
+        k2 = torch.where(torch.from_numpy(real_wave).to(device), (kvec * kvec).sum(-1), PAD_K2)
+        block = WaveBlock(k2, cells.new_empty(0), None,
+                          log_volume.index_select(0, index), torch.from_numpy(atom_mask).to(device), atoms, slot)
+        phase = block.padded(batch.positions) @ kvec.transpose(1, 2)  # (C, S, K)
+        block.waves = torch.cat([phase.cos(), phase.sin()], -1)
+        if c * s * s * k <= MAX_SLOTS:
+            block.cosines = block.cosine_rows(0, s)
+        blocks.append(block)
+        placed.append(atoms)
+    inverse = torch.empty(len(batch.positions), dtype=torch.long, device=device)
+    inverse[torch.cat(placed)] = torch.arange(len(inverse), device=device)
     floor = max(1e-12, 16 * torch.finfo(cells.dtype).eps)
-    return ReciprocalGeometry(crystals, sizes, floor)
+    return ReciprocalGeometry(blocks, inverse, floor)
 
 
-def log_lattice_sum(sigma2: torch.Tensor, crystal: CrystalWaves, floor: float, start: int = 0) -> torch.Tensor:
-    """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (r, H, n), for the query atoms
-    i = start..start+r−1 of the crystal, from their σ² (r, H)."""
-    r, h = sigma2.shape
-    k = crystal.k2.shape[0]
-    g = torch.exp(-0.5 * sigma2[..., None] * crystal.k2)  # (r, H, K)
-    at_zero = 1 + 2 * g.sum(-1)  # (r, H): the series at r = 0, where every cosine is 1
-    rows = crystal.waves[start : start + r].view(r, 1, 2, k)
-    weighted = (g[:, :, None, :] * rows).reshape(r * h, 2 * k)
-    series = 1 + 2 * (weighted @ crystal.waves.T).view(r, h, -1)
-    log_front = 1.5 * torch.log(2 * math.pi * sigma2) - crystal.log_volume + at_zero.log()
+def log_lattice_sum(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int = 0) -> torch.Tensor:
+    """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (C, r, H, S), for the query atoms
+    i = start..start+r−1 of each crystal of the block, from their σ² (C, r, H)."""
+    c, r, h = sigma2.shape
+    # Gaussian weights (C, r, H, K); those below e^-30 (e^-80 in float64) of the k = 0 term
+    # are set to 0, as the radial bases' are: far below the window's own truncation, and
+    # denormal otherwise (x86 computes exp and products of denormals many times slower).
+    tiny = _tiny(sigma2.dtype)
+    exponent = (sigma2[..., None] * (-0.5 * block.k2)[:, None, None, :]).clamp_min(math.log(tiny / 2))
+    g = F.threshold(exponent.exp(), tiny, 0.0)  # exactly 0 on padded waves
+    at_zero = 1 + 2 * g.sum(-1)  # (C, r, H): the series at r = 0, where every cosine is 1
+    cosines = block.cosine_rows(start, start + r)  # (C, r, K, S)
+    series = 1 + 2 * torch.matmul(g, cosines)  # (C, r, H, S)
+    log_front = 1.5 * torch.log(2 * math.pi * sigma2) - block.log_volume[:, None, None] + at_zero.log()
     return log_front[..., None] + (series / at_zero[..., None]).clamp_min(floor).log()
 
 
@@ -152,29 +250,33 @@ def reciprocal_attention(
 ) -> torch.Tensor:
     """Σ_j softmax_j(q_i·k_j/√dh + α_ij) v_j over all atoms j of i's crystal, (N, H, dh).
 
-    q, k, v (N, H, dh); sigma2 (N, H) the heads' σ² in Å². A large crystal runs in chunks
-    of query atoms, each holding at most ``MAX_SLOTS`` (atom, head, wave) entries, and
-    checkpointed under autograd as the real-space path is: memory stays bounded, though
-    time grows as N_c²·|V|.
+    q, k, v (N, H, dh); sigma2 (N, H) the heads' σ² in Å². A crystal too large to store its
+    cosines runs in chunks of query atoms, each holding at most ``MAX_SLOTS`` (atom, wave,
+    atom) cosines, and checkpointed under autograd as the real-space path is: memory stays
+    bounded, though time grows as N_c²·|V|.
     """
     out = []
-    split = [t.split(geom.sizes) for t in (q, k, v, sigma2)]
-    for crystal, qc, kc, vc, s2 in zip(geom.crystals, *split):
-        n, h = s2.shape
-        rows = max(1, MAX_SLOTS // max(1, 2 * h * crystal.k2.shape[0]))
-        if n <= rows:
-            out.append(_crystal_rows(qc, kc, vc, s2, crystal, geom.floor, 0, n))
-            continue
-        run = partial(checkpoint, _crystal_rows, use_reentrant=False) if torch.is_grad_enabled() else _crystal_rows
-        out.extend(run(qc, kc, vc, s2, crystal, geom.floor, a, min(a + rows, n)) for a in range(0, n, rows))
-    return torch.cat(out)
+    for block in geom.blocks:
+        qb, kb, vb = (block.padded(t) for t in (q, k, v))
+        s2 = block.padded(sigma2, fill=1.0)  # finite logs on padded rows
+        c, n, kw = block.shape
+        if block.cosines is not None:
+            values = _block_rows(qb, kb, vb, s2, block, geom.floor, 0, n)
+        else:
+            rows = max(1, MAX_SLOTS // max(1, kw * n))
+            run = partial(checkpoint, _block_rows, use_reentrant=False) if torch.is_grad_enabled() else _block_rows
+            values = torch.cat([run(qb, kb, vb, s2, block, geom.floor, a, min(a + rows, n))
+                                for a in range(0, n, rows)], 1)
+        out.append(values.reshape(c * n, *values.shape[2:]).index_select(0, block.slot))
+    return torch.cat(out).index_select(0, geom.inverse)
 
 
-def _crystal_rows(q, k, v, sigma2, crystal: CrystalWaves, floor: float, a: int, b: int) -> torch.Tensor:
-    """``reciprocal_attention`` of one crystal's query atoms a..b−1, (b−a, H, dh)."""
-    logits = torch.einsum("ihd,jhd->ihj", q[a:b], k) / math.sqrt(q.shape[-1])
-    logits = logits + log_lattice_sum(sigma2[a:b], crystal, floor, a)
-    return torch.einsum("ihj,jhd->ihd", logits.softmax(-1), v)
+def _block_rows(q, k, v, sigma2, block: WaveBlock, floor: float, a: int, b: int) -> torch.Tensor:
+    """``reciprocal_attention`` of query rows a..b−1 of every crystal of the block, (C, b−a, H, dh)."""
+    logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b], k) / math.sqrt(q.shape[-1])
+    logits = logits + log_lattice_sum(sigma2[:, a:b], block, floor, a)
+    logits = logits.masked_fill(~block.atom_mask[:, None, None, :], float("-inf"))
+    return torch.einsum("cihj,cjhd->cihd", logits.softmax(-1), v)
 
 
 def layer_kind(config: ModelConfig, layer: int) -> str:
@@ -195,8 +297,8 @@ class MixedSpaceAttention(PeriodicAttention):
 
     ``kind`` 'reciprocal': every head reciprocal; 'dual': heads 0..H/2−1 real (with β), the
     rest reciprocal (without β); 'routed': every head computes both outputs and mixes them,
-    g·o_real + (1 − g)·o_reciprocal with g = sigmoid(q_i·u_h + c_h) learned per head and atom
-    (u = c = 0 at start: an even mix); 'real': the plain real-space layer. The frozen
+    g·o_real + (1 − g)·o_reciprocal with g = sigmoid(τ·(q_i·u_h + c_h)) learned per head and
+    atom (u = c = 0 at start: an even mix; τ = ``config.route_temperature``); 'real': the plain real-space layer. The frozen
     standardisation that gives ρ is shared by all heads of the layer.
     """
 
@@ -215,10 +317,11 @@ class MixedSpaceAttention(PeriodicAttention):
         if kind == "routed":
             self.route_weight = nn.Parameter(torch.zeros(h, self.d_head))
             self.route_bias = nn.Parameter(torch.zeros(h))
+            self.route_temperature = config.route_temperature
 
     def route(self, q: torch.Tensor) -> torch.Tensor:
         """Weight of the real-space output per atom and head (N, H), routed layers only."""
-        return torch.sigmoid((q * self.route_weight).sum(-1) + self.route_bias)
+        return torch.sigmoid(self.route_temperature * ((q * self.route_weight).sum(-1) + self.route_bias))
 
     def forward(self, x: torch.Tensor, geom: SpaceGeometry) -> torch.Tensor:
         """x (N, d) → (N, d)."""
