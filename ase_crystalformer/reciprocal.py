@@ -80,8 +80,8 @@ class WaveBlock:
 
     ``cosines`` holds cos k·(p_j − p_i) for every pair and wave, (C, S, K, S): it does not
     depend on the layer, so every layer's lattice sum is one batched product with its
-    Gaussian weights. It is None for a crystal too large to hold it; its rows are then made
-    per chunk of query atoms from ``waves``. ``atoms`` are the batch atoms of these crystals,
+    Gaussian weights. It is None for a crystal too large to hold it, whose sums are products
+    of the weighted waves of a chunk of query atoms with all its waves. ``atoms`` are the batch atoms of these crystals,
     crystal after crystal, and ``slot`` their rows among the C·S padded ones. Padded waves
     have |k|² = ``PAD_K2``, whose Gaussian weight is exactly 0 for every σ (so they drop out
     of every sum), padded atoms ``atom_mask`` False (no
@@ -111,14 +111,11 @@ class WaveBlock:
         out = x.new_full((c * s, *x.shape[1:]), fill).index_copy(0, self.slot, rows)
         return out.view(c, s, *x.shape[1:])
 
-    def cosine_rows(self, a: int, b: int) -> torch.Tensor:
-        """cos k·(p_j − p_i) for query rows a..b−1, (C, b−a, K, S)."""
-        if self.cosines is not None:
-            return self.cosines[:, a:b]
+    def make_cosines(self) -> None:
+        """cos k·(p_j − p_i) = cos k·p_i cos k·p_j + sin k·p_i sin k·p_j, (C, S, K, S)."""
         k = self.k2.shape[1]
         cos, sin = self.waves[..., :k], self.waves[..., k:]
-        return (cos[:, a:b, :, None] * cos.transpose(1, 2)[:, None]
-                + sin[:, a:b, :, None] * sin.transpose(1, 2)[:, None])
+        self.cosines = cos[..., None] * cos.transpose(1, 2)[:, None] + sin[..., None] * sin.transpose(1, 2)[:, None]
 
 
 @dataclass
@@ -219,7 +216,7 @@ def reciprocal_geometry(batch, config: ModelConfig) -> ReciprocalGeometry:
         phase = block.padded(batch.positions) @ kvec.transpose(1, 2)  # (C, S, K)
         block.waves = torch.cat([phase.cos(), phase.sin()], -1)
         if c * s * s * k <= MAX_SLOTS:
-            block.cosines = block.cosine_rows(0, s)
+            block.make_cosines()
         blocks.append(block)
         placed.append(atoms)
     inverse = torch.empty(len(batch.positions), dtype=torch.long, device=device)
@@ -239,8 +236,13 @@ def log_lattice_sum(sigma2: torch.Tensor, block: WaveBlock, floor: float, start:
     exponent = (sigma2[..., None] * (-0.5 * block.k2)[:, None, None, :]).clamp_min(math.log(tiny / 2))
     g = F.threshold(exponent.exp(), tiny, 0.0)  # exactly 0 on padded waves
     at_zero = 1 + 2 * g.sum(-1)  # (C, r, H): the series at r = 0, where every cosine is 1
-    cosines = block.cosine_rows(start, start + r)  # (C, r, K, S)
-    series = 1 + 2 * torch.matmul(g, cosines)  # (C, r, H, S)
+    if block.cosines is not None:
+        series = 1 + 2 * torch.matmul(g, block.cosines[:, start : start + r])  # (C, r, H, S)
+    else:  # Σ_k g_k (cos k·p_i cos k·p_j + sin k·p_i sin k·p_j) without the (r, K, S) cosines
+        k = block.k2.shape[1]
+        rows = block.waves[:, start : start + r].view(c, r, 1, 2, k)
+        weighted = (g[:, :, :, None, :] * rows).reshape(c, r * h, 2 * k)
+        series = 1 + 2 * (weighted @ block.waves.transpose(1, 2)).view(c, r, h, -1)
     log_front = 1.5 * torch.log(2 * math.pi * sigma2) - block.log_volume[:, None, None] + at_zero.log()
     return log_front[..., None] + (series / at_zero[..., None]).clamp_min(floor).log()
 
@@ -251,8 +253,8 @@ def reciprocal_attention(
     """Σ_j softmax_j(q_i·k_j/√dh + α_ij) v_j over all atoms j of i's crystal, (N, H, dh).
 
     q, k, v (N, H, dh); sigma2 (N, H) the heads' σ² in Å². A crystal too large to store its
-    cosines runs in chunks of query atoms, each holding at most ``MAX_SLOTS`` (atom, wave,
-    atom) cosines, and checkpointed under autograd as the real-space path is: memory stays
+    cosines runs in chunks of query atoms, each holding at most ``MAX_SLOTS`` (atom, head,
+    wave) entries, and checkpointed under autograd as the real-space path is: memory stays
     bounded, though time grows as N_c²·|V|.
     """
     out = []
@@ -263,7 +265,7 @@ def reciprocal_attention(
         if block.cosines is not None:
             values = _block_rows(qb, kb, vb, s2, block, geom.floor, 0, n)
         else:
-            rows = max(1, MAX_SLOTS // max(1, kw * n))
+            rows = max(1, MAX_SLOTS // max(1, 2 * s2.shape[-1] * kw))
             run = partial(checkpoint, _block_rows, use_reentrant=False) if torch.is_grad_enabled() else _block_rows
             values = torch.cat([run(qb, kb, vb, s2, block, geom.floor, a, min(a + rows, n))
                                 for a in range(0, n, rows)], 1)
