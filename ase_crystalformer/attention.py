@@ -79,7 +79,7 @@ class RowGroup:
     d2: torch.Tensor  # (n, m)
     pair: torch.Tensor  # (n, m) long: chunk pair of each slot (Pc on padding); with blocks, position
     # of the slot's atom j in its crystal (−1 on padding)
-    basis: torch.Tensor | None = None  # (n, m, K), when precomputed
+    basis: BandedBasis | None = None  # when precomputed
     blocks: CrystalBlocks | None = None
     row_base: torch.Tensor | None = None  # (n,) with blocks: one-head score entry of the row's crystal
     row_stride: torch.Tensor | None = None  # (n,) with blocks: S of the row's crystal
@@ -99,6 +99,55 @@ class RowGroup:
                 index = base + self.pair[:, None, :]
                 self._flat[heads] = torch.where(self.pair[:, None, :] < 0, heads * self.blocks.entries, index)
         return self._flat[heads]
+
+
+#: Slot ranges per row group for ``BandedBasis``: each range only needs the radial bases
+#: that are nonzero somewhere in it (about half of the (n, m, K) entries on MP batches).
+BAND_PARTS = 4
+
+
+@dataclass
+class BandedBasis:
+    """The radial bases of a row group, (n, m, K), stored as the bands that are nonzero.
+
+    Slots of a row are sorted by distance (``geometry.build_window``), so a range of slot
+    positions spans a narrow range of distances across the group's rows, and the Gaussian of
+    centre c_k is exactly 0 (``GaussianBasis``'s threshold) outside |d − c_k| < ~7.75 widths:
+    range p0..p1 stores only the bases k0..k1−1 that are not 0 for some slot in it.
+    ``contract`` gives the same Σ_slots w·b(d) as one (n, H, m) @ (n, m, K) product, without
+    reading (or making) the zeros.
+    """
+
+    parts: list[tuple[int, int, int, int, torch.Tensor]]  # p0, p1, k0, k1, (n, p1−p0, k1−k0)
+    n_rbf: int
+
+    @classmethod
+    def make(cls, rbf: GaussianBasis, d2: torch.Tensor, mask: torch.Tensor) -> BandedBasis:
+        """Bases of the slots (n, m) with squared distances d2; ``mask`` the real slots (the
+        bands are sized from these; padded slots get finite values in them)."""
+        n, m = d2.shape
+        k = len(rbf.centers)
+        edges = sorted({round(m * t / BAND_PARTS) for t in range(BAND_PARTS + 1)})
+        d = d2.detach().clamp_min(0).sqrt()
+        inside = torch.where(mask, d, float("nan"))
+        lows = [inside[:, a:b].nan_to_num(float("inf")).min() for a, b in zip(edges, edges[1:])]
+        highs = [inside[:, a:b].nan_to_num(float("-inf")).max() for a, b in zip(edges, edges[1:])]
+        bounds = torch.stack([torch.stack(lows), torch.stack(highs)]).tolist()  # one sync
+        parts = []
+        for (a, b), low, high in zip(zip(edges, edges[1:]), *bounds):
+            if high < low:  # padding only: no weight ever reaches these slots
+                continue
+            k0, k1 = rbf.band(low, high, d2.dtype)
+            parts.append((a, b, k0, k1, rbf(d2[:, a:b], k0, k1)))
+        return cls(parts, k)
+
+    def contract(self, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_slots weights·b(d), (n, H, K), from weights (n, H, m)."""
+        out = [F.pad(torch.bmm(weights[:, :, a:b], basis), (k0, self.n_rbf - k1))
+               for a, b, k0, k1, basis in self.parts]
+        if not out:
+            return weights.new_zeros(weights.shape[0], weights.shape[1], self.n_rbf)
+        return out[0] if len(out) == 1 else torch.stack(out).sum(0)
 
 
 @dataclass
@@ -279,7 +328,8 @@ def _row_chunk(
         local_pair = pair[r, :w] - (starts[r] - local[s:e])[:, None]
         local_pair = torch.where(mask[r, :w], local_pair, n_pairs)
         g2 = d2[r, :w]
-        groups.append(RowGroup(s, e, g2, local_pair, rbf(g2) if rbf is not None else None))
+        groups.append(RowGroup(s, e, g2, local_pair,
+                               BandedBasis.make(rbf, g2, mask[r, :w]) if rbf is not None else None))
     return RowChunk(rows, pair_i[ids], pair_j[ids], pair_row, groups)
 
 
@@ -341,7 +391,7 @@ def _block_chunk(
         j = torch.where(mask[r, :w], blocks.position[neighbor[r, :w]], -1)
         stride = blocks.size_of[c]
         g2 = d2[r, :w]
-        groups.append(RowGroup(s, e, g2, j, rbf(g2) if rbf is not None else None, blocks,
+        groups.append(RowGroup(s, e, g2, j, BandedBasis.make(rbf, g2, mask[r, :w]) if rbf is not None else None, blocks,
                                blocks.entry_of[c], stride, blocks.position[r] * stride))
     return RowChunk(rows, None, None, None, groups, blocks)
 
@@ -365,14 +415,25 @@ class GaussianBasis(nn.Module):
             "centers", torch.arange(1, n_rbf + 1, dtype=torch.float64) * self.width, persistent=False
         )
 
-    def forward(self, d2: torch.Tensor) -> torch.Tensor:
+    def forward(self, d2: torch.Tensor, k0: int = 0, k1: int | None = None) -> torch.Tensor:
+        """Bases k0..k1−1 (all by default) of the distances √d2, (…, k1−k0)."""
         # sqrt'(0) is infinite: the self image has d² ≡ 0 with a zero gradient, so clamping
         # keeps its value (b(1e-15) = b(0) in any precision) and gives a zero, not NaN, gradient.
         d = d2.clamp_min(1e-30).sqrt()
-        centers = self.centers.to(d.dtype)
+        centers = self.centers[k0:k1].to(d.dtype)
         if torch.is_grad_enabled() and d.requires_grad:
             return _Gaussians.apply(d, centers, self.width)
         return _gaussians(d, centers, self.width)
+
+
+    def band(self, low: float, high: float, dtype: torch.dtype) -> tuple[int, int]:
+        """k0, k1 such that every basis outside k0..k1−1 is exactly 0 (below the threshold
+        of ``_gaussians`` in ``dtype``) at every distance in [low, high] Å."""
+        # exp(−z²/2) < tiny for |z| ≥ √(−2 log tiny); a little more for rounding
+        reach = math.sqrt(-2 * math.log(_tiny(dtype))) * self.width + 1e-6 * max(high, 1.0)
+        k0 = max(0, math.floor((low - reach) / self.width) - 1)
+        k1 = min(len(self.centers), math.ceil((high + reach) / self.width))
+        return k0, max(k0, k1)
 
 
 def _tiny(dtype: torch.dtype) -> float:
@@ -635,14 +696,13 @@ def _chunk_attention(
             logits.softmax(dim=-1), _tiny(logits.dtype), 0.0, inplace=not torch.is_grad_enabled()
         )
         pair_weight = pair_weight.scatter_add(0, index.view(-1), weights.view(-1))
-        b = g.basis
-        if b is None and basis is not None:
-            rows = chunk.rows[g.start : g.stop]
-            b = basis[rows, : g.d2.shape[1]]
-        elif b is None and rbf is not None:
-            b = rbf(g.d2)
-        if b is not None:
-            mixed.append(torch.bmm(weights, b))  # (n, H, K)
+        if g.basis is not None:
+            mixed.append(g.basis.contract(weights))  # (n, H, K)
+        elif basis is not None:  # one whole (N, M, K) basis was given
+            mixed.append(torch.bmm(weights, basis[chunk.rows[g.start : g.stop], : g.d2.shape[1]]))
+        elif rbf is not None:  # a window too large to keep its bases: made per chunk
+            real = g.pair >= 0 if chunk.blocks is not None else g.pair < len(chunk.pair_i)
+            mixed.append(BandedBasis.make(rbf, g.d2, real).contract(weights))
     mixed_out = (mixed[0] if len(mixed) == 1 else torch.cat(mixed)) if mixed else None
     if chunk.blocks is not None:
         return chunk.blocks.values(pair_weight, v), mixed_out

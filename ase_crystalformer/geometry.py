@@ -192,6 +192,14 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
     new_pair = np.concatenate([[True], pair_key[1:] != pair_key[:-1]])
     pair = np.cumsum(new_pair) - 1
     keys = pair_key[new_pair]
+    # Each atom's images nearest first (pairs keep their numbers): a range of slots then
+    # spans few distances, which lets the model store only the nonzero band of their radial
+    # bases (attention.BandedBasis). Centers stay in order, so slots are unchanged.
+    # Ties (equal distances, common in supercells) go by neighbour and shift, so the order
+    # does not depend on the order vesin lists its entries in.
+    distance = np.concatenate([np.zeros(n), dist])[order]
+    by_distance = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], neighbor, distance, center))
+    neighbor, shift, pair = neighbor[by_distance], shift[by_distance], pair[by_distance]
     return Window(
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
         positions=positions,
