@@ -103,7 +103,10 @@ class RowGroup:
 
 #: Slot ranges per row group for ``BandedBasis``: each range only needs the radial bases
 #: that are nonzero somewhere in it (about half of the (n, m, K) entries on MP batches).
+#: Groups of fewer than BAND_MIN_SLOTS slots (a few small crystals) keep one range: there
+#: the operation count, not the arithmetic, sets the time.
 BAND_PARTS = 4
+BAND_MIN_SLOTS = 1 << 14
 
 
 @dataclass
@@ -126,20 +129,19 @@ class BandedBasis:
         """Bases of the slots (n, m) with squared distances d2; ``mask`` the real slots (the
         bands are sized from these; padded slots get finite values in them)."""
         n, m = d2.shape
-        k = len(rbf.centers)
-        edges = sorted({round(m * t / BAND_PARTS) for t in range(BAND_PARTS + 1)})
+        pieces = BAND_PARTS if n * m >= BAND_MIN_SLOTS else 1
+        edges = sorted({round(m * t / pieces) for t in range(pieces + 1)})
         d = d2.detach().clamp_min(0).sqrt()
-        inside = torch.where(mask, d, float("nan"))
-        lows = [inside[:, a:b].nan_to_num(float("inf")).min() for a, b in zip(edges, edges[1:])]
-        highs = [inside[:, a:b].nan_to_num(float("-inf")).max() for a, b in zip(edges, edges[1:])]
-        bounds = torch.stack([torch.stack(lows), torch.stack(highs)]).tolist()  # one sync
+        lows = torch.where(mask, d, float("inf")).amin(0).tolist() if n else [math.inf] * m  # per slot position
+        highs = torch.where(mask, d, float("-inf")).amax(0).tolist() if n else [-math.inf] * m
         parts = []
-        for (a, b), low, high in zip(zip(edges, edges[1:]), *bounds):
+        for a, b in zip(edges, edges[1:]):
+            low, high = min(lows[a:b]), max(highs[a:b])
             if high < low:  # padding only: no weight ever reaches these slots
                 continue
             k0, k1 = rbf.band(low, high, d2.dtype)
             parts.append((a, b, k0, k1, rbf(d2[:, a:b], k0, k1)))
-        return cls(parts, k)
+        return cls(parts, len(rbf.centers))
 
     def contract(self, weights: torch.Tensor) -> torch.Tensor:
         """Σ_slots weights·b(d), (n, H, K), from weights (n, H, m)."""
