@@ -225,16 +225,53 @@ def reciprocal_geometry(batch, config: ModelConfig) -> ReciprocalGeometry:
     return ReciprocalGeometry(blocks, inverse, floor)
 
 
+def _wave_weights(sigma2: torch.Tensor, half_k2: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """exp(σ²·(−|k|²/2)) (C, r, H, K) from σ² (C, r, H) and −|k|²/2 (C, K).
+
+    Weights below e^-30 (e^-80 in float64) of the k = 0 term are set to 0, as the radial
+    bases' are: far below the window's own truncation, and denormal otherwise (x86 computes
+    exp and products of denormals many times slower).
+    """
+    c, r, h = sigma2.shape
+    tiny = _tiny(sigma2.dtype)
+    exponent = torch.matmul(sigma2.reshape(c, r * h, 1), half_k2[:, None, :]).view(c, r, h, -1)
+    if inplace:
+        return F.threshold(exponent.clamp_min_(math.log(tiny / 2)).exp_(), tiny, 0.0, inplace=True)
+    return F.threshold(exponent.clamp_min(math.log(tiny / 2)).exp(), tiny, 0.0)
+
+
+class _WaveWeights(torch.autograd.Function):
+    """``_wave_weights`` formed in place in one buffer, with its gradients written out as two
+    batched products: the op-by-op autograd chain over the (C, r, H, K) weights cost several
+    passes more (docs/results.md, reciprocal cost). A backward that must itself be
+    differentiable (force training) recomputes the weights with recorded ops."""
+
+    @staticmethod
+    def forward(ctx, sigma2: torch.Tensor, half_k2: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = _wave_weights(sigma2, half_k2, inplace=True)
+        ctx.save_for_backward(sigma2, half_k2, g)
+        return g
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        sigma2, half_k2, g = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: g as a function of the inputs
+            g = _wave_weights(sigma2, half_k2)
+        c, r, h = sigma2.shape
+        gg = (grad * g).reshape(c, r * h, -1)  # ∂/∂exponent, (C, r·H, K)
+        grad_sigma2 = grad_k2 = None
+        if ctx.needs_input_grad[0]:
+            grad_sigma2 = torch.matmul(gg, half_k2[:, :, None]).view(c, r, h)
+        if ctx.needs_input_grad[1]:
+            grad_k2 = torch.matmul(sigma2.reshape(c, 1, r * h), gg).view(c, -1)
+        return grad_sigma2, grad_k2
+
+
 def log_lattice_sum(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int = 0) -> torch.Tensor:
     """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (C, r, H, S), for the query atoms
     i = start..start+r−1 of each crystal of the block, from their σ² (C, r, H)."""
     c, r, h = sigma2.shape
-    # Gaussian weights (C, r, H, K); those below e^-30 (e^-80 in float64) of the k = 0 term
-    # are set to 0, as the radial bases' are: far below the window's own truncation, and
-    # denormal otherwise (x86 computes exp and products of denormals many times slower).
-    tiny = _tiny(sigma2.dtype)
-    exponent = (sigma2[..., None] * (-0.5 * block.k2)[:, None, None, :]).clamp_min(math.log(tiny / 2))
-    g = F.threshold(exponent.exp(), tiny, 0.0)  # exactly 0 on padded waves
+    g = _WaveWeights.apply(sigma2, -0.5 * block.k2)  # (C, r, H, K), exactly 0 on padded waves
     at_zero = 1 + 2 * g.sum(-1)  # (C, r, H): the series at r = 0, where every cosine is 1
     if block.cosines is not None:
         series = 1 + 2 * torch.matmul(g, block.cosines[:, start : start + r])  # (C, r, H, S)

@@ -328,3 +328,15 @@ def test_row_chunks_of_a_crystal_give_the_same_layer_and_gradients(monkeypatch):
     torch.testing.assert_close(chunked["energy"], whole["energy"], rtol=1e-13, atol=0)
     torch.testing.assert_close(chunked["forces"], whole["forces"], rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-13)
+
+
+def test_wave_weights_first_and_second_derivatives():
+    """The hand-written backward of the Gaussian wave weights, and the recomputing one that
+    force training differentiates again, against numerical derivatives (float64)."""
+    from ase_crystalformer.reciprocal import _WaveWeights
+
+    g = torch.Generator().manual_seed(0)
+    sigma2 = (2.5 + 3 * torch.rand(2, 3, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    half_k2 = (-0.5 * 4 * torch.rand(2, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(_WaveWeights.apply, (sigma2, half_k2))
+    assert torch.autograd.gradgradcheck(_WaveWeights.apply, (sigma2, half_k2))
