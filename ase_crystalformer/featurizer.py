@@ -64,7 +64,7 @@ from .inference import (
     target_properties,
 )
 from .model import Crystalformer
-from .structures import check_atoms, describe, to_atoms
+from .structures import Label, check_atoms, describe, to_atoms
 
 try:
     from matminer.featurizers.base import BaseFeaturizer
@@ -412,7 +412,7 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         if len(row) != 1:
             raise TypeError(f"featurize takes one structure per entry, got {len(row)} values")
         atoms = to_atoms(row[0])
-        return build_window(atoms, model.config.cutoff, describe(atoms, index))
+        return build_window(atoms, model.config.cutoff, Label(atoms, index))
 
     def _run(self, model: Model, windows: list[Any]) -> list[list[float]]:
         batch = collate(windows, model.dtype).to(model.device)

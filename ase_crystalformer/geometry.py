@@ -25,7 +25,7 @@ from ase import Atoms
 from ase.geometry import minkowski_reduce
 
 from .errors import StructureError
-from .structures import MIN_DISTANCE, check_atoms, describe
+from .structures import MIN_DISTANCE, Label, check_atoms
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _minkowski_reduced(cell: bytes, pbc: tuple[bool, ...]) -> np.ndarray:
     return reduced
 
 
-def reduce_cell(atoms: Atoms, label: str) -> tuple[np.ndarray, np.ndarray]:
+def reduce_cell(atoms: Atoms, label: str | Label) -> tuple[np.ndarray, np.ndarray]:
     """Positions wrapped into a Minkowski-reduced cell of the same lattice, in float64.
 
     Returns (positions, cell). An atom unwrapped by many lattice vectors, or a valid but
@@ -143,7 +143,7 @@ def _search_box(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff
 SHIFT_DTYPE = np.int16
 
 
-def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Window:
+def build_window(atoms: Atoms, cutoff: float, label: str | Label | None = None) -> Window:
     """Check ``atoms`` and list every image within ``cutoff`` Å of every atom.
 
     The window is built on wrapped positions in a reduced cell (``reduce_cell``), which it
@@ -151,7 +151,7 @@ def build_window(atoms: Atoms, cutoff: float, label: str | None = None) -> Windo
     atoms closer than 0.1 Å to another atom or to a periodic image of themselves, and for
     a window whose image shifts would not fit their storage type.
     """
-    label = label or describe(atoms)
+    label = label if label is not None else Label(atoms)
     check_atoms(atoms, label)
     positions, cell = reduce_cell(atoms, label)
     pbc = np.asarray(atoms.pbc, dtype=bool)
@@ -313,6 +313,6 @@ def windows_for(atoms_list: Sequence[Atoms], cutoff: float) -> list[Window]:
     """``build_window`` for each structure, labelled by its index in the input."""
     out = []
     for index, atoms in enumerate(atoms_list):
-        out.append(build_window(atoms, cutoff, describe(atoms, index)))
+        out.append(build_window(atoms, cutoff, Label(atoms, index)))
     return out
 

@@ -51,7 +51,20 @@ def describe(atoms: Atoms, index: int | None = None) -> str:
     return f"{name} ({formula})"
 
 
-def check_atoms(atoms: Atoms, label: str) -> None:
+class Label:
+    """``describe(atoms, index)``, made only when an error message is formatted: the formula
+    costs about a tenth of building a small crystal's window, and is rarely needed."""
+
+    __slots__ = ("atoms", "index")
+
+    def __init__(self, atoms: Atoms, index: int | None = None) -> None:
+        self.atoms, self.index = atoms, index
+
+    def __str__(self) -> str:
+        return describe(self.atoms, self.index)
+
+
+def check_atoms(atoms: Atoms, label: str | Label) -> None:
     """Raise ``StructureError`` if the model cannot take ``atoms``.
 
     Checks that do not need the neighbour list: atoms present, full occupancies, known
