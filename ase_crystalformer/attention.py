@@ -427,7 +427,6 @@ class GaussianBasis(nn.Module):
             return _Gaussians.apply(d, centers, self.width)
         return _gaussians(d, centers, self.width)
 
-
     def band(self, low: float, high: float, dtype: torch.dtype) -> tuple[int, int]:
         """k0, k1 such that every basis outside k0..k1−1 is exactly 0 (below the threshold
         of ``_gaussians`` in ``dtype``) at every distance in [low, high] Å."""

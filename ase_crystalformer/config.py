@@ -192,6 +192,8 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         data = dict(data)
+        if data.get("domain") == "routed" and "route_temperature" not in data:
+            data["route_temperature"] = 1.0  # saved before the temperature existed: trained at 1
         if "targets" in data:
             targets = data["targets"]
             target_keys = {f.name for f in fields(TargetSpec)}

@@ -158,10 +158,10 @@ def check_periodic(config: ModelConfig, atoms_list, labels) -> None:
 #: block's first (largest) and its (C, S, K, S) cosines stay within ``MAX_SLOTS`` entries;
 #: a crystal larger than that is a block of its own, without stored cosines.
 BLOCK_ATOM_FILL = 0.75
-#: |k|² of a padded wave, Å⁻²: its Gaussian weight exp(−σ²|k|²/2) is far below the
-#: threshold of ``log_lattice_sum`` for any σ ≥ σ_min, so it is exactly 0.
-PAD_K2 = 1e4
 BLOCK_WAVE_FILL = 0.5
+#: |k|² of a padded wave, Å⁻²: its Gaussian weight exp(−σ²|k|²/2) is far below the
+#: threshold of ``_wave_weights`` for any σ ≥ σ_min, so it is exactly 0.
+PAD_K2 = 1e4
 
 
 def _group(sizes: list[int], waves: list[int]) -> list[list[int]]:
@@ -242,8 +242,8 @@ def _wave_weights(sigma2: torch.Tensor, half_k2: torch.Tensor, inplace: bool = F
 
 class _WaveWeights(torch.autograd.Function):
     """``_wave_weights`` formed in place in one buffer, with its gradients written out as two
-    batched products: the op-by-op autograd chain over the (C, r, H, K) weights cost several
-    passes more (docs/results.md, reciprocal cost). A backward that must itself be
+    batched products, where the op-by-op autograd chain makes several more passes over the
+    (C, r, H, K) weights and several fresh buffers. A backward that must itself be
     differentiable (force training) recomputes the weights with recorded ops."""
 
     @staticmethod

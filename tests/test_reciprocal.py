@@ -106,6 +106,13 @@ def test_window_depends_on_the_lattice_not_the_basis():
 
 
 # ----------------------------------------------------------------------------- config
+def test_routed_config_saved_before_the_gate_temperature_loads_at_temperature_one():
+    old = ModelConfig(domain="routed").to_dict()
+    del old["route_temperature"]
+    assert ModelConfig.from_dict(old).route_temperature == 1.0
+    assert ModelConfig.from_dict(ModelConfig(domain="routed").to_dict()).route_temperature == 10.0
+
+
 def test_config_domain_round_trip_and_default():
     for domain in DOMAINS:
         config = ModelConfig(n_blocks=2, domain=domain)
