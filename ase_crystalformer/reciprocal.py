@@ -232,9 +232,8 @@ def _wave_weights(sigma2: torch.Tensor, half_k2: torch.Tensor, inplace: bool = F
     bases' are: far below the window's own truncation, and denormal otherwise (x86 computes
     exp and products of denormals many times slower).
     """
-    c, r, h = sigma2.shape
     tiny = _tiny(sigma2.dtype)
-    exponent = torch.matmul(sigma2.reshape(c, r * h, 1), half_k2[:, None, :]).view(c, r, h, -1)
+    exponent = sigma2[..., None] * half_k2[:, None, None, :]  # an outer product: a broadcast, not a matmul
     if inplace:
         return F.threshold(exponent.clamp_min_(math.log(tiny / 2)).exp_(), tiny, 0.0, inplace=True)
     return F.threshold(exponent.clamp_min(math.log(tiny / 2)).exp(), tiny, 0.0)
@@ -267,21 +266,29 @@ class _WaveWeights(torch.autograd.Function):
         return grad_sigma2, grad_k2
 
 
-def log_lattice_sum(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int = 0) -> torch.Tensor:
-    """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (C, r, H, S), for the query atoms
-    i = start..start+r−1 of each crystal of the block, from their σ² (C, r, H)."""
+def _series(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Fourier series 1 + 2 Σ_k g_k cos k·(p_j − p_i), clamped below at ``floor`` times
+    its value at r = 0, (C, r, H, S), and that value (C, r, H)."""
     c, r, h = sigma2.shape
     g = _WaveWeights.apply(sigma2, -0.5 * block.k2)  # (C, r, H, K), exactly 0 on padded waves
-    at_zero = 1 + 2 * g.sum(-1)  # (C, r, H): the series at r = 0, where every cosine is 1
+    at_zero = 1 + 2 * g.sum(-1)  # where every cosine is 1
     if block.cosines is not None:
-        series = 1 + 2 * torch.matmul(g, block.cosines[:, start : start + r])  # (C, r, H, S)
+        series = torch.matmul(g, block.cosines[:, start : start + r])  # (C, r, H, S)
     else:  # Σ_k g_k (cos k·p_i cos k·p_j + sin k·p_i sin k·p_j) without the (r, K, S) cosines
         k = block.k2.shape[1]
         rows = block.waves[:, start : start + r].view(c, r, 1, 2, k)
         weighted = (g[:, :, :, None, :] * rows).reshape(c, r * h, 2 * k)
-        series = 1 + 2 * (weighted @ block.waves.transpose(1, 2)).view(c, r, h, -1)
-    log_front = 1.5 * torch.log(2 * math.pi * sigma2) - block.log_volume[:, None, None] + at_zero.log()
-    return log_front[..., None] + (series / at_zero[..., None]).clamp_min(floor).log()
+        series = (weighted @ block.waves.transpose(1, 2)).view(c, r, h, -1)
+    # in place: no product's backward needs its own output
+    return torch.maximum(series.mul_(2).add_(1), (floor * at_zero)[..., None]), at_zero
+
+
+def log_lattice_sum(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int = 0) -> torch.Tensor:
+    """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (C, r, H, S), for the query atoms
+    i = start..start+r−1 of each crystal of the block, from their σ² (C, r, H)."""
+    series, _ = _series(sigma2, block, floor, start)
+    log_front = 1.5 * torch.log(2 * math.pi * sigma2) - block.log_volume[:, None, None]
+    return log_front[..., None] + series.log()
 
 
 def reciprocal_attention(
@@ -313,7 +320,9 @@ def reciprocal_attention(
 def _block_rows(q, k, v, sigma2, block: WaveBlock, floor: float, a: int, b: int) -> torch.Tensor:
     """``reciprocal_attention`` of query rows a..b−1 of every crystal of the block, (C, b−a, H, dh)."""
     logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b], k) / math.sqrt(q.shape[-1])
-    logits = logits + log_lattice_sum(sigma2[:, a:b], block, floor, a)
+    # α_ij minus the terms that do not depend on j (the prefactor of ``log_lattice_sum``),
+    # which the softmax over j cancels exactly: two passes fewer over (C, r, H, S)
+    logits = logits + _series(sigma2[:, a:b], block, floor, a)[0].log()
     logits = logits.masked_fill(~block.atom_mask[:, None, None, :], float("-inf"))
     return torch.einsum("cihj,cjhd->cihd", logits.softmax(-1), v)
 
@@ -369,14 +378,14 @@ class MixedSpaceAttention(PeriodicAttention):
         rho = self.rho(q)  # (N, H)
         if hr:
             gamma = -rho[:, :hr] / (2 * self.r0**2)
-            heads = [t[:, :hr].contiguous() for t in (q, k, v, gamma)]
+            # no slice for a layer of real heads only: a slice's backward is a zero fill and a copy
+            heads = [t if hr == t.shape[1] else t[:, :hr].contiguous() for t in (q, k, v, gamma)]
             real = self.real_values(*heads, geom.real)
         if self.kind == "real":
             return self.out_proj(real.reshape(n, -1))
-        lo = 0 if self.kind == "routed" else hr
-        reci = reciprocal_attention(
-            q[:, lo:], k[:, lo:], v[:, lo:], self.reciprocal_scale**2 * rho[:, lo:], geom.reciprocal
-        )
+        heads = (q, k, v, rho) if self.kind == "routed" else (t[:, hr:] for t in (q, k, v, rho))
+        qr, kr, vr, rhor = heads
+        reci = reciprocal_attention(qr, kr, vr, self.reciprocal_scale**2 * rhor, geom.reciprocal)
         if self.kind == "routed":
             g = self.route(q)[..., None]
             values = g * real + (1 - g) * reci
