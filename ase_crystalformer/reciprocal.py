@@ -78,23 +78,20 @@ class WaveBlock:
     batched matmul serves them all (a loop over crystals cost more than the arithmetic of
     MP-sized cells).
 
-    ``cosines`` holds cos k·(p_j − p_i) for every pair and wave, (C, S, K, S): it does not
+    ``cosines`` holds cos k·(p_j − p_i) for every pair and wave, (C, S_i, S_j, K): it does not
     depend on the layer, so every layer's lattice sum is one batched product with its
-    Gaussian weights. It is None for a crystal too large to hold it, whose sums are products
-    of the weighted waves of a chunk of query atoms with all its waves. ``atoms`` are the batch atoms of these crystals,
-    crystal after crystal, and ``slot`` their rows among the C·S padded ones. Padded waves
-    have |k|² = ``PAD_K2``, whose Gaussian weight is exactly 0 for every σ (so they drop out
-    of every sum), padded atoms ``atom_mask`` False (no
-    query attends to them).
+    Gaussian weights. A crystal too large to hold them has ``waves`` instead, whose sums are
+    products of the weighted waves of a chunk of query atoms with all its waves. Padded waves have
+    |k|² = ``PAD_K2``, whose Gaussian weight is exactly 0 for every σ (so they drop out of
+    every sum), padded atoms ``atom_mask`` False (no query attends to them).
     """
 
     k2: torch.Tensor  # (C, K) |k|², PAD_K2 on padding
-    waves: torch.Tensor  # (C, S, 2K) [cos k·p_i, sin k·p_i]
-    cosines: torch.Tensor | None  # (C, S, K, S)
+    cosines: torch.Tensor | None  # (C, S, S, K), or None and:
+    waves: torch.Tensor | None  # (C, S, 2K) [cos k·p_i, sin k·p_i]
     log_volume: torch.Tensor  # (C,) log |V|
     atom_mask: torch.Tensor  # (C, S) bool
-    atoms: torch.Tensor  # (n,) long, batch atoms of the block
-    slot: torch.Tensor  # (n,) long, their padded rows
+    padding: bool  # whether any atom_mask is False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -102,30 +99,33 @@ class WaveBlock:
         c, s = self.atom_mask.shape
         return c, s, self.k2.shape[1]
 
-    def padded(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """Per-atom x (N, ...) of the batch as (C, S, ...), ``fill`` on padded atoms."""
-        c, s, _ = self.shape
-        rows = x.index_select(0, self.atoms)
-        if len(self.atoms) == c * s:  # no padding: the slots are the block's atoms in order
-            return rows.view(c, s, *x.shape[1:])
-        out = x.new_full((c * s, *x.shape[1:]), fill).index_copy(0, self.slot, rows)
-        return out.view(c, s, *x.shape[1:])
-
-    def make_cosines(self) -> None:
-        """cos k·(p_j − p_i) = cos k·p_i cos k·p_j + sin k·p_i sin k·p_j, (C, S, K, S)."""
-        k = self.k2.shape[1]
-        cos, sin = self.waves[..., :k], self.waves[..., k:]
-        self.cosines = cos[..., None] * cos.transpose(1, 2)[:, None] + sin[..., None] * sin.transpose(1, 2)[:, None]
-
 
 @dataclass
 class ReciprocalGeometry:
-    """Plane waves of every crystal in a batch, in blocks; ``inverse`` puts the blocks'
-    atoms (concatenated) back in batch order."""
+    """Plane waves of every crystal in a batch, in blocks.
+
+    The blocks' padded atom slots, block after block and crystal after crystal, are rows of
+    one (Σ C·S, ...) layout: ``rows`` names the batch atom of each slot (N on padding) and
+    ``slots`` the slot of each batch atom, so that padding every block, and undoing it, is
+    one gather per tensor rather than several ops per block (and as many in backward).
+    """
 
     blocks: list[WaveBlock]
-    inverse: torch.Tensor  # (N,) long
+    rows: torch.Tensor  # (Σ C·S,) long, batch atom per padded slot, N on padding
+    slots: torch.Tensor  # (N,) long, padded slot per batch atom
+    block_shapes: list[tuple[int, int]]  # (C, S) per block
     floor: float  # lower clamp of the series relative to its value at r = 0
+
+    def padded(self, x: torch.Tensor, fill: float = 0.0) -> list[torch.Tensor]:
+        """Per-atom x (N, ...) of the batch as one (C, S, ...) view per block, ``fill`` on padding."""
+        extended = torch.cat([x, x.new_full((1, *x.shape[1:]), fill)])
+        parts = extended.index_select(0, self.rows).split([c * s for c, s in self.block_shapes])
+        return [p.view(c, s, *x.shape[1:]) for p, (c, s) in zip(parts, self.block_shapes)]
+
+    def unpadded(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of ``padded``: per-block (C, S, ...) back to the batch's (N, ...)."""
+        flat = [p.reshape(-1, *p.shape[2:]) for p in parts]
+        return (flat[0] if len(flat) == 1 else torch.cat(flat)).index_select(0, self.slots)
 
 
 @dataclass
@@ -155,7 +155,7 @@ def check_periodic(config: ModelConfig, atoms_list, labels) -> None:
 
 
 #: Crystals share a block while their atoms and waves are at least these fractions of the
-#: block's first (largest) and its (C, S, K, S) cosines stay within ``MAX_SLOTS`` entries;
+#: block's first (largest) and its (C, S, S, K) cosines stay within ``MAX_SLOTS`` entries;
 #: a crystal larger than that is a block of its own, without stored cosines.
 BLOCK_ATOM_FILL = 0.75
 BLOCK_WAVE_FILL = 0.5
@@ -196,8 +196,21 @@ def reciprocal_geometry(batch, config: ModelConfig) -> ReciprocalGeometry:
     log_volume = torch.linalg.det(cells).abs().log()  # |V|: a left-handed cell has det < 0
     cells_np = cells.detach().cpu().double().numpy()
     windows = [reciprocal_window(cells_np[b], k_max) for b in range(len(sizes))]
-    blocks, placed = [], []
-    for group in _group(sizes, [len(m) for m in windows]):
+    groups = _group(sizes, [len(m) for m in windows])
+    n = len(batch.positions)
+    rows = np.full(sum(len(g) * sizes[g[0]] for g in groups), n, dtype=np.int64)
+    start = 0
+    for group in groups:
+        for b in group:
+            rows[start : start + sizes[b]] = np.arange(offsets[b], offsets[b + 1])
+            start += sizes[group[0]]
+    slots = np.empty(n, dtype=np.int64)
+    slots[rows[rows < n]] = np.flatnonzero(rows < n)
+    floor = max(1e-12, 16 * torch.finfo(cells.dtype).eps)
+    geom = ReciprocalGeometry([], torch.from_numpy(rows).to(device), torch.from_numpy(slots).to(device),
+                              [(len(g), sizes[g[0]]) for g in groups], floor)
+    padded_positions = geom.padded(batch.positions)
+    for group, positions in zip(groups, padded_positions):
         c, s, k = len(group), sizes[group[0]], max(len(windows[b]) for b in group)
         m = np.zeros((c, k, 3))
         real_wave = np.zeros((c, k), dtype=bool)
@@ -206,34 +219,35 @@ def reciprocal_geometry(batch, config: ModelConfig) -> ReciprocalGeometry:
             m[a, : len(windows[b])] = windows[b]
             real_wave[a, : len(windows[b])] = True
             atom_mask[a, : sizes[b]] = True
-        atoms = torch.from_numpy(np.concatenate([np.arange(offsets[b], offsets[b + 1]) for b in group])).to(device)
-        slot = torch.from_numpy(np.flatnonzero(atom_mask)).to(device)
         index = torch.tensor(group, device=device)
         kvec = torch.from_numpy(m).to(cells) @ recip.index_select(0, index)  # (C, K, 3)
         k2 = torch.where(torch.from_numpy(real_wave).to(device), (kvec * kvec).sum(-1), PAD_K2)
-        block = WaveBlock(k2, cells.new_empty(0), None,
-                          log_volume.index_select(0, index), torch.from_numpy(atom_mask).to(device), atoms, slot)
-        phase = block.padded(batch.positions) @ kvec.transpose(1, 2)  # (C, S, K)
-        block.waves = torch.cat([phase.cos(), phase.sin()], -1)
+        phase = positions @ kvec.transpose(1, 2)  # (C, S, K)
+        cos, sin = phase.cos(), phase.sin()
         if c * s * s * k <= MAX_SLOTS:
-            block.make_cosines()
-        blocks.append(block)
-        placed.append(atoms)
-    inverse = torch.empty(len(batch.positions), dtype=torch.long, device=device)
-    inverse[torch.cat(placed)] = torch.arange(len(inverse), device=device)
-    floor = max(1e-12, 16 * torch.finfo(cells.dtype).eps)
-    return ReciprocalGeometry(blocks, inverse, floor)
+            # cos k·(p_j − p_i) = cos k·p_i cos k·p_j + sin k·p_i sin k·p_j, (C, i, j, K), in two
+            # ops: measured faster than the cosine of the phase differences and than a product
+            # over the pair vectors (an inner size of 3)
+            cosines, waves = torch.addcmul(cos[:, :, None] * cos[:, None], sin[:, :, None], sin[:, None]), None
+        else:
+            cosines, waves = None, torch.cat([cos, sin], -1)
+        geom.blocks.append(WaveBlock(k2, cosines, waves, log_volume.index_select(0, index),
+                                     torch.from_numpy(atom_mask).to(device), not atom_mask.all()))
+    return geom
 
 
 def _wave_weights(sigma2: torch.Tensor, half_k2: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """exp(σ²·(−|k|²/2)) (C, r, H, K) from σ² (C, r, H) and −|k|²/2 (C, K).
+    """2·exp(σ²·(−|k|²/2)) (C, r, H, K) from σ² (C, r, H) and −|k|²/2 (C, K): the weight of a
+    wave of the half space in the series (its mirror −k has the same cosine), the 2 folded
+    into the exponent, where it costs nothing.
 
     Weights below e^-30 (e^-80 in float64) of the k = 0 term are set to 0, as the radial
     bases' are: far below the window's own truncation, and denormal otherwise (x86 computes
     exp and products of denormals many times slower).
     """
-    tiny = _tiny(sigma2.dtype)
-    exponent = sigma2[..., None] * half_k2[:, None, None, :]  # an outer product: a broadcast, not a matmul
+    tiny = 2 * _tiny(sigma2.dtype)
+    # an outer product: a broadcast, not a matmul
+    exponent = torch.addcmul(sigma2.new_tensor(math.log(2)), sigma2[..., None], half_k2[:, None, None, :])
     if inplace:
         return F.threshold(exponent.clamp_min_(math.log(tiny / 2)).exp_(), tiny, 0.0, inplace=True)
     return F.threshold(exponent.clamp_min(math.log(tiny / 2)).exp(), tiny, 0.0)
@@ -266,27 +280,31 @@ class _WaveWeights(torch.autograd.Function):
         return grad_sigma2, grad_k2
 
 
-def _series(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _series(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int) -> torch.Tensor:
     """The Fourier series 1 + 2 Σ_k g_k cos k·(p_j − p_i), clamped below at ``floor`` times
-    its value at r = 0, (C, r, H, S), and that value (C, r, H)."""
+    its value at r = 0, (C, r, H, S)."""
     c, r, h = sigma2.shape
-    g = _WaveWeights.apply(sigma2, -0.5 * block.k2)  # (C, r, H, K), exactly 0 on padded waves
-    at_zero = 1 + 2 * g.sum(-1)  # where every cosine is 1
-    if block.cosines is not None:
-        series = torch.matmul(g, block.cosines[:, start : start + r])  # (C, r, H, S)
-    else:  # Σ_k g_k (cos k·p_i cos k·p_j + sin k·p_i sin k·p_j) without the (r, K, S) cosines
+    g = _WaveWeights.apply(sigma2, -0.5 * block.k2)  # (C, r, H, K) 2·g_k, exactly 0 on padded waves
+    if block.cosines is not None:  # 1 + Σ 2g·cos in one product
+        cosines = block.cosines[:, start : start + r]  # (C, r, S, K)
+        series = torch.baddbmm(g.new_ones(()), g.reshape(c * r, h, -1),
+                               cosines.reshape(c * r, *cosines.shape[2:]).transpose(1, 2))
+    else:  # Σ_k 2g_k (cos k·p_i cos k·p_j + sin k·p_i sin k·p_j) without the (r, S, K) cosines
         k = block.k2.shape[1]
         rows = block.waves[:, start : start + r].view(c, r, 1, 2, k)
         weighted = (g[:, :, :, None, :] * rows).reshape(c, r * h, 2 * k)
-        series = (weighted @ block.waves.transpose(1, 2)).view(c, r, h, -1)
-    # in place: no product's backward needs its own output
-    return torch.maximum(series.mul_(2).add_(1), (floor * at_zero)[..., None]), at_zero
+        # in place: the product's backward does not need its own output
+        series = (weighted @ block.waves.transpose(1, 2)).add_(1)
+    series = series.view(c, r, h, -1)
+    # The value at r = 0 is the diagonal j = i (every cosine 1): no pass over the (C, r, H, K) weights.
+    at_zero = torch.diagonal(series, offset=start, dim1=1, dim2=3).transpose(1, 2)  # (C, r, H)
+    return torch.maximum(series, (floor * at_zero)[..., None])
 
 
 def log_lattice_sum(sigma2: torch.Tensor, block: WaveBlock, floor: float, start: int = 0) -> torch.Tensor:
     """α_ij = log Σ_n exp(−|p_j − p_i + nL|²/2σ_i²) per head, (C, r, H, S), for the query atoms
     i = start..start+r−1 of each crystal of the block, from their σ² (C, r, H)."""
-    series, _ = _series(sigma2, block, floor, start)
+    series = _series(sigma2, block, floor, start)
     log_front = 1.5 * torch.log(2 * math.pi * sigma2) - block.log_volume[:, None, None]
     return log_front[..., None] + series.log()
 
@@ -302,28 +320,28 @@ def reciprocal_attention(
     bounded, though time grows as N_c²·|V|.
     """
     out = []
-    for block in geom.blocks:
-        qb, kb, vb = (block.padded(t) for t in (q, k, v))
-        s2 = block.padded(sigma2, fill=1.0)  # finite logs on padded rows
+    padded = zip(geom.blocks, *(geom.padded(t) for t in (q, k, v)), geom.padded(sigma2, fill=1.0))  # σ² 1: finite logs
+    for block, qb, kb, vb, s2 in padded:
         c, n, kw = block.shape
         if block.cosines is not None:
-            values = _block_rows(qb, kb, vb, s2, block, geom.floor, 0, n)
+            out.append(_block_rows(qb, kb, vb, s2, block, geom.floor, 0, n))
         else:
             rows = max(1, MAX_SLOTS // max(1, 2 * s2.shape[-1] * kw))
             run = partial(checkpoint, _block_rows, use_reentrant=False) if torch.is_grad_enabled() else _block_rows
-            values = torch.cat([run(qb, kb, vb, s2, block, geom.floor, a, min(a + rows, n))
-                                for a in range(0, n, rows)], 1)
-        out.append(values.reshape(c * n, *values.shape[2:]).index_select(0, block.slot))
-    return torch.cat(out).index_select(0, geom.inverse)
+            out.append(torch.cat([run(qb, kb, vb, s2, block, geom.floor, a, min(a + rows, n))
+                                  for a in range(0, n, rows)], 1))
+    return geom.unpadded(out)
 
 
 def _block_rows(q, k, v, sigma2, block: WaveBlock, floor: float, a: int, b: int) -> torch.Tensor:
     """``reciprocal_attention`` of query rows a..b−1 of every crystal of the block, (C, b−a, H, dh)."""
-    logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b], k) / math.sqrt(q.shape[-1])
+    # in place on the product, whose backward does not need it; 1/√dh on the smaller q
+    logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b] / math.sqrt(q.shape[-1]), k)
     # α_ij minus the terms that do not depend on j (the prefactor of ``log_lattice_sum``),
     # which the softmax over j cancels exactly: two passes fewer over (C, r, H, S)
-    logits = logits + _series(sigma2[:, a:b], block, floor, a)[0].log()
-    logits = logits.masked_fill(~block.atom_mask[:, None, None, :], float("-inf"))
+    logits = logits.add_(_series(sigma2[:, a:b], block, floor, a).log())
+    if block.padding:
+        logits = logits.masked_fill_(~block.atom_mask[:, None, None, :], float("-inf"))
     return torch.einsum("cihj,cjhd->cihd", logits.softmax(-1), v)
 
 
