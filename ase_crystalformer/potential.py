@@ -9,9 +9,16 @@ Everything that makes a potential rather than a property regressor lives here:
   leaderboard split lists keeps that split (its val/test stay out of training), any other goes
   to train/val/test by a hash of its id;
 * per-source, per-element reference energies μ: the sources differ in code, correction scheme
-  and zero of energy (a formation energy is a total energy minus elemental references), so each
-  source's energies are fitted by least squares as E ≈ Σ_el n_el μ_{s,el} on its training
-  frames, and the network learns the residual E − Σ n μ_s shared by all sources;
+  and zero of energy (a formation energy is a total energy minus elemental references). By
+  default (``REFERENCE_SCALES`` "aligned") every source is put on MP's formation-energy scale:
+  the relaxed structures' formation energies are the scale itself (μ = 0), and each total-energy
+  source's μ are fitted by least squares as E/N − ê ≈ Σ_el x_el μ_{s,el} on its training
+  frames, ê the shipped ``FORMATION_SOURCE`` model's formation energy of the frame. The network
+  then learns one residual for all sources, about the formation energy plus the frame's energy
+  above its relaxed structure. ("linear": each source fitted as E/N ≈ Σ x μ_s on its own, which
+  leaves residuals of the same material that disagree between sources by ~0.5 eV/atom, because
+  each fit absorbs a different composition-linear part of the formation energies;
+  scripts/reference_consistency.py measures it.)
 * the reported energy: network + Σ n μ of ``DEFAULT_SOURCE`` (MPtrj, i.e. MP-compatible PBE(+U)
   total energies); elements that source never saw take the pooled fit over all total-energy
   sources. Forces and stress do not depend on μ;
@@ -26,6 +33,7 @@ import json
 import logging
 import platform
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,10 +45,10 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from .checkpoint import read_checkpoint
+from .checkpoint import load_model, read_checkpoint
 from .config import ModelConfig, TargetSpec, TrainConfig
 from .data import load_dataset
-from .domain import training_domain
+from .domain import OutOfDomainWarning, training_domain
 from .errors import CheckpointError, DataError, StructureError
 from .forces import energy_forces_stress
 from .geometry import build_window
@@ -66,6 +74,8 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 ENERGY_TARGET = TargetSpec("energy", "eV/atom", kind="energy")
 #: Ridge weight (eV², per atom) that keeps an element seen in few frames near the pooled μ.
 RIDGE = 1e-3
+#: How reference energies are fitted (see the module docstring); the first is the default.
+REFERENCE_SCALES = ("aligned", "linear")
 
 
 @dataclass
@@ -174,6 +184,7 @@ class References:
     sources: dict[str, dict[int, float]]
     pooled: dict[int, float]
     default: str = DEFAULT_SOURCE
+    scale: str = "linear"  # one of REFERENCE_SCALES
 
     def mu(self, source: str | None = None) -> dict[int, float]:
         """μ of ``source`` (default: the default source, completed by the pooled fit)."""
@@ -196,7 +207,7 @@ class References:
 
         return {"default": self.default, "pooled": named(self.pooled),
                 "sources": {s: named(mu) for s, mu in sorted(self.sources.items())},
-                "unit": "eV/atom"}
+                "scale": self.scale, "unit": "eV/atom"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> References:
@@ -204,12 +215,14 @@ class References:
             return {chemical_symbols.index(s): float(v) for s, v in mu.items()}
 
         return cls({s: numbered(mu) for s, mu in data["sources"].items()},
-                   numbered(data["pooled"]), data["default"])
+                   numbered(data["pooled"]), data["default"], data.get("scale", "linear"))
 
 
-def _fit(frames: Sequence[Frame], prior: dict[int, float] | None) -> dict[int, float]:
-    """Least squares on per-atom energies, e ≈ Σ x_el μ_el (x: composition fractions),
-    with a ridge term pulling μ towards ``prior`` (0 where it has none)."""
+def _fit(frames: Sequence[Frame], prior: dict[int, float] | None, offset: Sequence[float] | None = None
+         ) -> dict[int, float]:
+    """Least squares on per-atom energies minus ``offset`` (eV/atom, per frame; 0 by default),
+    e ≈ Σ x_el μ_el (x: composition fractions), with a ridge term pulling μ towards ``prior``
+    (0 where it has none)."""
     elements = sorted({int(z) for f in frames for z in f.atoms.numbers})
     column = {z: k for k, z in enumerate(elements)}
     x = np.zeros((len(frames), len(elements)))
@@ -217,7 +230,7 @@ def _fit(frames: Sequence[Frame], prior: dict[int, float] | None) -> dict[int, f
     for row, f in enumerate(frames):
         for z in f.atoms.numbers:
             x[row, column[int(z)]] += 1.0 / len(f.atoms)
-        e[row] = f.energy / len(f.atoms)
+        e[row] = f.energy / len(f.atoms) - (offset[row] if offset is not None else 0.0)
     mu0 = np.array([(prior or {}).get(z, 0.0) for z in elements])
     # min |x μ - e|² + RIDGE |μ - μ0|²  ⇔  (xᵀx + RIDGE) δ = xᵀ(e - x μ0), μ = μ0 + δ
     lhs = x.T @ x + RIDGE * np.eye(len(elements))
@@ -225,19 +238,72 @@ def _fit(frames: Sequence[Frame], prior: dict[int, float] | None) -> dict[int, f
     return {z: float(v) for z, v in zip(elements, mu0 + delta, strict=True)}
 
 
-def fit_references(frames: Sequence[Frame], default: str = DEFAULT_SOURCE) -> References:
-    """Fit μ per source on ``frames`` (the training frames); see ``References``."""
-    by_source: dict[str, list[Frame]] = {}
-    for f in frames:
-        by_source.setdefault(f.source, []).append(f)
-    total = [f for f in frames if f.source != FORMATION_SOURCE]
+def fit_references(
+    frames: Sequence[Frame], default: str = DEFAULT_SOURCE, formation: Sequence[float] | None = None
+) -> References:
+    """Fit μ per source on ``frames`` (the training frames); see ``References``.
+
+    ``formation``: with one formation energy per atom per frame (``formation_estimates``),
+    the "aligned" scale: total-energy sources are fitted on E/N minus it, and the
+    formation-energy source gets μ = 0. Without: the "linear" scale, each source on its own.
+    """
+    if formation is not None and len(formation) != len(frames):
+        raise ValueError(f"formation has {len(formation)} values for {len(frames)} frames")
+    by_source: dict[str, list[int]] = {}
+    for k, f in enumerate(frames):
+        by_source.setdefault(f.source, []).append(k)
+
+    def fit(rows: list[int], prior: dict[int, float] | None) -> dict[int, float]:
+        offset = None if formation is None else [formation[k] for k in rows]
+        return _fit([frames[k] for k in rows], prior, offset)
+
+    total = [k for k, f in enumerate(frames) if f.source != FORMATION_SOURCE]
     if not total:
         raise DataError("no total-energy frames to fit reference energies on")
-    pooled = _fit(total, None)
-    sources = {
-        s: _fit(group, None if s == FORMATION_SOURCE else pooled) for s, group in by_source.items()
-    }
-    return References(sources, pooled, default)
+    pooled = fit(total, None)
+    sources = {}
+    for source, rows in by_source.items():
+        if source != FORMATION_SOURCE:
+            sources[source] = fit(rows, pooled)
+        elif formation is None:
+            sources[source] = _fit([frames[k] for k in rows], None)
+        else:
+            sources[source] = {int(z): 0.0 for k in rows for z in frames[k].atoms.numbers}
+    return References(sources, pooled, default, "linear" if formation is None else "aligned")
+
+
+def formation_estimates(frames: Sequence[Frame], model: Any = None, batch_size: int = 64) -> np.ndarray:
+    """Formation energy per atom (eV/atom) of each frame on MP's scale, for ``fit_references``.
+
+    A relaxed structure's own label; otherwise the prediction of ``model`` (default: the
+    shipped ``FORMATION_SOURCE`` model) or, for a frame with an element that model never saw
+    (its prediction would be noise), a composition-linear fit to the relaxed structures
+    among ``frames`` (0 without any).
+    """
+    out = np.zeros(len(frames))
+    relaxed = [k for k, f in enumerate(frames) if f.source == FORMATION_SOURCE]
+    for k in relaxed:
+        out[k] = frames[k].energy / len(frames[k].atoms)
+    linear = _fit([frames[k] for k in relaxed], None) if relaxed else {}
+    others = [k for k, f in enumerate(frames) if f.source != FORMATION_SOURCE]
+    if not others:
+        return out
+    model = load_model(FORMATION_SOURCE) if model is None else model
+    domain = model.metadata.get("domain") or {}
+    known = {chemical_symbols.index(e) for e in domain.get("elements", chemical_symbols[1:])}
+    seen = [k for k in others if set(frames[k].atoms.numbers.tolist()) <= known]
+    unseen = sorted(set(others) - set(seen))
+    if seen:
+        with warnings.catch_warnings():  # cell sizes beyond its training set: predicted anyway
+            warnings.simplefilter("ignore", OutOfDomainWarning)
+            values = np.asarray(model.predict([frames[k].atoms for k in seen], batch_size))
+        out[seen] = values.reshape(len(seen), -1)[:, 0]
+    for k in unseen:
+        numbers = frames[k].atoms.numbers
+        out[k] = sum(linear.get(int(z), 0.0) for z in numbers) / len(numbers)
+    log.info("formation energies: %d relaxed labels, %d predicted by %s, %d linear (unseen elements)",
+             len(relaxed), len(seen), model.metadata.get("name", FORMATION_SOURCE), len(unseen))
+    return out
 
 
 def is_potential(model: Crystalformer) -> bool:
@@ -380,6 +446,7 @@ def train_potential(
     relaxed_share: float = 0.5,
     relaxed_energies: bool = True,
     max_val_relaxed: int = 200,
+    references: str = REFERENCE_SCALES[0],
     resume: bool = False,
     overwrite: bool = False,
     device: str = "cpu",
@@ -393,11 +460,16 @@ def train_potential(
     Writes the run directory of ``training.Trainer`` (locked; a used one needs ``resume`` or
     ``overwrite``) plus ``splits.json`` (frame ids per split) and ``references.json``.
     Validation holds the val frames and up to ``max_val_relaxed`` relaxed structures of the
-    fixed val split (chosen by hash). ``relaxed_energies``: see ``make_examples``. A resumed
-    run must keep its sampling (steps per epoch, relaxed share, relaxed energies, validation size).
+    fixed val split (chosen by hash). ``relaxed_energies``: see ``make_examples``;
+    ``references``: one of ``REFERENCE_SCALES`` (module docstring). A resumed run must keep
+    its sampling (steps per epoch, relaxed share, relaxed energies, validation size,
+    reference scale).
     """
+    if references not in REFERENCE_SCALES:
+        raise ValueError(f"references must be one of {REFERENCE_SCALES}, got {references!r}")
     sampling = {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share,
-                "relaxed_energies": relaxed_energies, "max_val_relaxed": max_val_relaxed}
+                "relaxed_energies": relaxed_energies, "max_val_relaxed": max_val_relaxed,
+                "references": references}
     with run_directory(out_dir, resume=resume, overwrite=overwrite) as run:
         out = run.path
         if run.state is not None:  # before anything in the run directory is rewritten
@@ -412,7 +484,8 @@ def train_potential(
         splits["val"] = [i for i in splits["val"] if all_frames[i].file != "mp-megnet" or i in keep]
         train_frames = [all_frames[i] for i in splits["train"]]
         val_frames = [all_frames[i] for i in splits["val"]]
-        refs = fit_references(train_frames)
+        formation = formation_estimates(train_frames) if references == "aligned" else None
+        refs = fit_references(train_frames, formation=formation)
         model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
         model = Crystalformer(model_config)
         train_ex, train_src = make_examples(train_frames, refs, model_config.cutoff, relaxed_energies)
@@ -474,7 +547,8 @@ def _check_sampling(out: Path, sampling: dict[str, Any]) -> None:
     latest = out / "latest.safetensors"
     if not latest.is_file():
         return
-    saved = {"relaxed_energies": True, "max_val_relaxed": 200, **read_checkpoint(latest)[0].metadata.get("sampling", {})}
+    saved = {"relaxed_energies": True, "max_val_relaxed": 200, "references": "linear",
+             **read_checkpoint(latest)[0].metadata.get("sampling", {})}
     if saved != sampling:
         raise ValueError(f"{out}: the run was started with sampling {saved}; given {sampling}")
 

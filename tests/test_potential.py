@@ -19,10 +19,12 @@ from ase_crystalformer.errors import DataError
 from ase_crystalformer.potential import (
     DEFAULT_SOURCE,
     FORMATION_SOURCE,
+    REFERENCE_SCALES,
     Frame,
     References,
     default_model_config,
     fit_references,
+    formation_estimates,
     read_frames,
     references_of,
     split_frames,
@@ -99,6 +101,63 @@ def test_references_recover_per_source_element_energies():
         for z, value in m.items():
             assert refs.sources[source][z] == pytest.approx(value, abs=2e-3)
     assert refs.energy(np.array([29, 29, 13])) == pytest.approx(2 * -4.0 - 3.0, abs=5e-3)
+
+
+def test_aligned_references_put_every_source_on_the_formation_energy_scale():
+    # Formation energies that no composition-linear fit reproduces: a linear fit per source
+    # absorbs a different part of them in each source, the aligned fit none.
+    def e_form(n_cu, n_al):
+        return -0.8 * n_cu * n_al / (n_cu + n_al) ** 2
+
+    mu = {"mptrj": {29: -4.0, 13: -3.0}, "alexandria": {29: -4.5, 13: -3.2}}
+    compositions = {"mptrj": [(1, 0), (0, 2), (1, 1), (2, 1)], "alexandria": [(1, 3), (3, 1), (1, 1), (0, 1)],
+                    FORMATION_SOURCE: [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1)]}
+    frames, formation = [], []
+    for source, rows in compositions.items():
+        for n_cu, n_al in rows:
+            n = n_cu + n_al
+            shift = 0.0 if source == FORMATION_SOURCE else n_cu * mu[source][29] + n_al * mu[source][13]
+            frames.append(_frame("Cu" * n_cu + "Al" * n_al, n * e_form(n_cu, n_al) + shift, source))
+            formation.append(e_form(n_cu, n_al))
+    refs = fit_references(frames, formation=formation)
+    assert refs.scale == "aligned" and refs.sources[FORMATION_SOURCE] == {29: 0.0, 13: 0.0}
+    for source, m in mu.items():
+        for z, value in m.items():
+            assert refs.sources[source][z] == pytest.approx(value, abs=2e-3)
+    residual = [(f.energy - refs.energy(f.atoms.numbers, f.source)) / len(f.atoms) for f in frames]
+    assert residual == pytest.approx(formation, abs=2e-3)  # one residual for every source
+    linear = fit_references(frames)
+    assert linear.scale == "linear" and abs(linear.sources["mptrj"][29] - mu["mptrj"][29]) > 0.01
+    assert References.from_dict(json.loads(json.dumps(refs.to_dict()))).scale == "aligned"
+    with pytest.raises(ValueError, match="formation has 2 values for 13 frames"):
+        fit_references(frames, formation=[0.0, 0.0])
+
+
+class _ConstantFormationModel:
+    """Stands in for the shipped formation-energy model: −1 eV/atom, trained on Cu and Al."""
+
+    metadata = {"name": "stub", "domain": {"elements": ["Al", "Cu"], "n_atoms": [1, 2]}}
+
+    def predict(self, structures, batch_size=64):
+        return np.full(len(structures), -1.0)
+
+
+def test_formation_estimates_use_labels_the_model_and_a_linear_fit_for_unseen_elements():
+    frames = [_frame("Cu", -0.2, FORMATION_SOURCE), _frame("Al2", -0.6, FORMATION_SOURCE),
+              _frame("CuAl3", -20.0, "mptrj"), _frame("CuAr", -7.0, "alexandria")]
+    estimates = formation_estimates(frames, _ConstantFormationModel())
+    # labels per atom; a Cu/Al frame of any size gets the model's value; Ar was never seen by
+    # the model, so CuAr takes the relaxed structures' linear fit (Cu −0.2, Ar 0 without data)
+    assert estimates == pytest.approx([-0.2, -0.3, -1.0, -0.1], abs=2e-3)
+
+
+def test_reference_scale_is_checked_and_the_cli_offers_every_scale():
+    from ase_crystalformer.cli import train_potential as command
+
+    (option,) = [p for p in command.params if p.name == "reference_scale"]
+    assert tuple(option.type.choices) == REFERENCE_SCALES and option.default == REFERENCE_SCALES[0]
+    with pytest.raises(ValueError, match="references must be one of"):
+        train_potential("unused", "unused", config=TrainConfig(), references="pooled")
 
 
 def test_default_source_falls_back_to_the_pooled_fit():
