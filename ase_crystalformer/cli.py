@@ -195,6 +195,7 @@ def _predict_chunk(models: list, job: tuple) -> tuple:
     from .forces import energy_target_index
     from .geometry import build_window
     from .potential import reference_per_atom
+    from .reciprocal import check_periodic
     from .structures import check_atoms, primitive_cell
 
     chunk, primitive, ignore_errors, batch_size = job
@@ -208,6 +209,8 @@ def _predict_chunk(models: list, job: tuple) -> tuple:
                 check_atoms(atoms, label)  # spglib wants a sane structure
                 atoms = primitive_cell(atoms)
             built = {c: build_window(atoms, c, label) for c in cutoffs}
+            for _, model in models:  # a slab for a model with reciprocal heads: this entry's error
+                check_periodic(model.config, [atoms], [label])
         except CrystalformerError as err:
             if not ignore_errors:
                 raise

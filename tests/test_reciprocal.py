@@ -1,6 +1,7 @@
 """Reciprocal-space heads: the Fourier lattice sum against a real-space brute force, the
 domains' layers against the float64 reference, invariances, derivatives, slabs, end to end."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -304,6 +305,29 @@ def test_cli_train_dual_checkpoint_predict_and_calculator(tmp_path):
     atoms.calc = CrystalformerCalculator(str(out / "best.safetensors"))
     assert atoms.get_potential_energy() == pytest.approx(float(model.predict(atoms)[0]) * len(atoms), rel=1e-5)
     assert np.isfinite(atoms.get_forces()).all() and np.isfinite(atoms.get_stress()).all()
+
+
+def test_cli_predict_reports_a_slab_for_reciprocal_heads_as_that_entrys_error(tmp_path):
+    """A slab is one structure's error (with --ignore-errors, one row), never the whole run's."""
+    import ase.io
+    from click.testing import CliRunner
+
+    from ase_crystalformer.checkpoint import save_checkpoint
+    from ase_crystalformer.cli import main
+
+    path = save_checkpoint(_model("dual").float(), tmp_path / "dual.safetensors")
+    ase.io.write(tmp_path / "a_bulk.cif", _crystals(1)[0])
+    ase.io.write(tmp_path / "b_slab.extxyz", _slab())
+    files = [str(tmp_path / "a_bulk.cif"), str(tmp_path / "b_slab.extxyz")]
+    args = ["predict", *files, "--model", str(path), "--batch-size", "2", "--format", "json"]
+    result = CliRunner().invoke(main, [*args, "--ignore-errors"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows[0]["error"] is None and np.isfinite(rows[0]["target"])
+    assert rows[1]["target"] is None
+    assert "b_slab.extxyz" in rows[1]["error"] and "pbc=[True, True, False]; reciprocal-space" in rows[1]["error"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "b_slab.extxyz" in result.output and "pbc=[True, True, False]" in result.output
 
 
 def test_routed_gates_start_even_and_learn():
