@@ -601,7 +601,7 @@ MAX_SLOTS = 1 << 20
 #: Slots per chunk where the pair lists are used (large cells): each per-pair gather
 #: (P, H, dh) is about as large as the chunk's slots × d, so these chunks are smaller
 #: (docs/benchmarks.md: energy + forces + stress of 4,913 atoms).
-PAIR_SLOTS = 1 << 18
+PAIR_SLOTS = 1 << 16
 
 
 def window_attention(
