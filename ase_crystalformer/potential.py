@@ -266,7 +266,7 @@ def fit_references(
         if source != FORMATION_SOURCE:
             sources[source] = fit(rows, pooled)
         elif formation is None:
-            sources[source] = _fit([frames[k] for k in rows], None)
+            sources[source] = fit(rows, None)
         else:
             sources[source] = {int(z): 0.0 for k in rows for z in frames[k].atoms.numbers}
     return References(sources, pooled, default, "linear" if formation is None else "aligned")

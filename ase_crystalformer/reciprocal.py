@@ -335,10 +335,10 @@ def reciprocal_attention(
 
 def _block_rows(q, k, v, sigma2, block: WaveBlock, floor: float, a: int, b: int) -> torch.Tensor:
     """``reciprocal_attention`` of query rows a..b−1 of every crystal of the block, (C, b−a, H, dh)."""
-    # in place on the product, whose backward does not need it; 1/√dh on the smaller q
-    logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b] / math.sqrt(q.shape[-1]), k)
+    logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b] / math.sqrt(q.shape[-1]), k)  # 1/√dh on the smaller q
     # α_ij minus the terms that do not depend on j (the prefactor of ``log_lattice_sum``),
-    # which the softmax over j cancels exactly: two passes fewer over (C, r, H, S)
+    # which the softmax over j cancels exactly: two passes fewer over (C, r, H, S). In place:
+    # the product's backward does not need its output.
     logits = logits.add_(_series(sigma2[:, a:b], block, floor, a).log())
     if block.padding:
         logits = logits.masked_fill_(~block.atom_mask[:, None, None, :], float("-inf"))
