@@ -556,12 +556,15 @@ class PeriodicAttention(nn.Module):
     ) -> torch.Tensor:
         """Head outputs Σ_j a_ij (v_j + β_ij) (N, h, dh) of the real-space heads given in q, k, v
         (the first h heads, h ≤ H: ``rbf_proj`` holds W_E of exactly those)."""
-        values, mixed = window_attention(q, k, v, gamma, geom)
-        if self.rbf_proj is not None:
-            # Σ_j a_ij β_ij = W_E Σ w b, per head: (h, N, K) @ (h, K, dh)
-            beta = torch.bmm(mixed.transpose(0, 1), self.rbf_proj.transpose(1, 2))
-            values = values + beta.transpose(0, 1)
-        return values
+        return self.with_edges(*window_attention(q, k, v, gamma, geom))
+
+    def with_edges(self, values: torch.Tensor, mixed: torch.Tensor | None) -> torch.Tensor:
+        """Σ_j a_ij v_j (N, h, dh) plus Σ_j a_ij β_ij = W_E Σ_images weight·b(d), from the
+        weighted radial bases ``mixed`` (N, h, K) (None without bases)."""
+        if self.rbf_proj is None:
+            return values
+        beta = torch.bmm(mixed.transpose(0, 1), self.rbf_proj.transpose(1, 2))  # (h, N, K) @ (h, K, dh)
+        return values + beta.transpose(0, 1)
 
     def encodings(
         self, x: torch.Tensor, geom: WindowGeometry

@@ -88,7 +88,7 @@ def expected_layout(config: ModelConfig) -> Layout:
         if config.n_rbf and real_heads:
             layout[attn + "rbf_proj"] = (f32, (real_heads, dh, config.n_rbf))
         if layer_kind(config, b) == "routed":
-            layout[attn + "route_weight"], layout[attn + "route_bias"] = (f32, (h, dh)), (f32, (h,))
+            layout[attn + "gate_weight"], layout[attn + "gate_bias"] = (f32, (h, dh)), (f32, (h,))
         layout[attn + "sigma_shift"] = (f32, ())
         layout[attn + "sigma_scale"] = (f32, ())
         layout[attn + "sigma_ready"] = (torch.bool, ())
@@ -199,6 +199,12 @@ def read_checkpoint(path: str | Path) -> tuple[Crystalformer, dict[str, Any]]:
     metadata = _json(path, header, "metadata", "{}")
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
+    if config.domain == "routed" and any(key.endswith(".route_weight") for key in tensors):
+        raise CheckpointError(
+            f"{path}: a routed model of the earlier form, which mixed the heads' real- and "
+            "reciprocal-space outputs; routed heads now mix the two α terms inside one softmax, "
+            "so these weights compute something else: retrain it with --domain routed"
+        )
     layout = expected_layout(config)
     _check_tensors(path, tensors, layout)
     digest = header.get(DIGEST_KEY)

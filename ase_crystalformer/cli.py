@@ -500,7 +500,7 @@ READOUT_HELP = ("mean: the paper's head on the mean of the atom features; atoms:
 @click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--activation", type=click.Choice(["relu", "gelu", "silu"]), default="relu", show_default=True, help="silu or gelu give smooth forces (ReLU forces are only piecewise smooth).")
 @click.option("--domain", type=click.Choice(["real", "reciprocal", "alternating", "dual", "routed"]), default="real", show_default=True,
-              help="Attention heads in real space (the paper's model), in reciprocal space (wide Gaussians over the whole crystal), alternating layers, dual (half the heads of each layer each), or routed (every head both, mixed by a learned gate). Reciprocal heads need 3D-periodic cells.")
+              help="Attention heads in real space (the paper's model), in reciprocal space (wide Gaussians over the whole crystal), alternating layers, dual (half the heads of each layer each), or routed (every head's α a learned, per-atom mixture of its real- and reciprocal-space lattice sums). Reciprocal heads need 3D-periodic cells.")
 @click.option("--route-temperature", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Routed domain only: the factor on the gate's logit (larger: the gates commit to one space sooner).")
 @click.option("--readout", type=click.Choice(["mean", "atoms"]), default="mean", show_default=True, help=READOUT_HELP)

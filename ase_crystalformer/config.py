@@ -88,7 +88,7 @@ class ModelConfig:
     wide Gaussians σ = reciprocal_scale·√ρ > reciprocal_scale·√b exactly as a Fourier series
     over all atoms of the crystal, or a mix: ``"alternating"`` layers (even layers real),
     ``"dual"`` (in every layer the first half of the heads real, the rest reciprocal) and
-    ``"routed"`` (every head both, mixed by a learned per-atom gate). See ``reciprocal.py``.
+    ``"routed"`` (every head's α a mixture of both, by a learned per-atom gate). See ``reciprocal.py``.
     ``route_temperature`` multiplies the gate's logit: Adam moves a parameter by about lr per
     step whatever its gradient's scale, so at temperature 1 a gate moves a few hundredths in a
     16-epoch run and never commits (docs/results.md); a larger one lets it reach either space.
@@ -192,8 +192,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         data = dict(data)
-        if data.get("domain") == "routed" and "route_temperature" not in data:
-            data["route_temperature"] = 1.0  # saved before the temperature existed: trained at 1
         if "targets" in data:
             targets = data["targets"]
             target_keys = {f.name for f in fields(TargetSpec)}

@@ -25,6 +25,7 @@ from .reciprocal import (
     SpaceGeometry,
     attention_for,
     check_periodic,
+    pair_images,
     reciprocal_geometry,
     uses_real_window,
 )
@@ -109,7 +110,12 @@ class Crystalformer(nn.Module):
         if self.config.domain == "real":
             return self.window_geometry(batch)
         real = self.window_geometry(batch) if uses_real_window(self.config) else None
-        return SpaceGeometry(real, reciprocal_geometry(batch, self.config))
+        reciprocal = reciprocal_geometry(batch, self.config)
+        images = None
+        if self.config.domain == "routed":
+            r = image_vectors(batch)
+            images = pair_images((r * r).sum(-1), batch, reciprocal, self.basis, self.config.cutoff)
+        return SpaceGeometry(real, reciprocal, images)
 
     def window_geometry(self, batch: Batch) -> WindowGeometry:
         """Distances and radial bases of the real-space window."""

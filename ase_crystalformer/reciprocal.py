@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import MAX_SLOTS, PeriodicAttention, WindowGeometry, _tiny
+from .attention import MAX_SLOTS, BandedBasis, GaussianBasis, PeriodicAttention, WindowGeometry, _tiny
 from .config import ModelConfig
 from .errors import StructureError
 
@@ -129,12 +129,65 @@ class ReciprocalGeometry:
 
 
 @dataclass
+class PairImages:
+    """The real-space window of one ``WaveBlock``'s crystals, laid out as its padded atoms.
+
+    Routed heads mix each pair's real-space lattice sum into α, so they need it per pair
+    (i, j), summed over the pair's images in the window, rather than the real heads' one
+    softmax over all images. Row i, slot m is an image of atom ``atom[c, i, m]`` (its place
+    in the crystal; S on padding slots and rows) at squared distance ``d2``.
+    """
+
+    d2: torch.Tensor  # (C, S, M) Å², cutoff² on padding
+    atom: torch.Tensor  # (C, S, M) long
+    excess: torch.Tensor  # (C, S, M) d² minus the (detached) d² of the pair's nearest image, 0 on padding
+    nearest: torch.Tensor  # (C, S, S) detached min d² of each pair's images, cutoff² without any
+    empty: torch.Tensor  # (C, S, S) bool: pair (i, j) without an image in the window
+    basis: BandedBasis | None  # radial bases of the (C·S, M) slots, for a block run in one piece
+    rbf: GaussianBasis | None
+
+    def bases(self, a: int, b: int) -> BandedBasis:
+        """Radial bases of the slots of rows a..b−1, (C·r, M, K) in bands (needs ``rbf``)."""
+        c, s, m = self.atom.shape
+        if self.basis is not None and (a, b) == (0, s):
+            return self.basis
+        return BandedBasis.make(self.rbf, self.d2[:, a:b].reshape(-1, m), (self.atom[:, a:b] < s).reshape(-1, m))
+
+
+@dataclass
 class SpaceGeometry:
     """What the layers of a non-real domain need: the real window (None when no layer uses
-    it) and the reciprocal plane waves."""
+    it), the reciprocal plane waves and, for routed layers, the window per wave block."""
 
     real: WindowGeometry | None
     reciprocal: ReciprocalGeometry
+    images: list[PairImages] | None = None
+
+
+def pair_images(
+    d2: torch.Tensor, batch, geom: ReciprocalGeometry, rbf: GaussianBasis | None, cutoff: float
+) -> list[PairImages]:
+    """The window's images (squared distances d2 (N, M) of ``batch``'s slots, differentiable)
+    regrouped as ``geom``'s wave blocks, with each pair's nearest image and radial bases."""
+    rc2 = cutoff**2
+    start = torch.cumsum(batch.n_atoms, 0) - batch.n_atoms
+    position = torch.arange(len(d2), device=d2.device) - start[batch.crystal]  # place of each atom in its crystal
+    atom_of_slot = torch.where(batch.mask, position[batch.neighbor], -1)
+    out = []
+    for block, dist, atom in zip(geom.blocks, geom.padded(torch.where(batch.mask, d2, rc2), fill=rc2),
+                                 geom.padded(atom_of_slot, fill=-1)):
+        c, s, _ = block.shape
+        width = int((atom >= 0).sum(-1).max()) if atom.numel() else 0  # real slots come first in a row
+        dist, atom = dist[:, :, :width], atom[:, :, :width]
+        atom = torch.where(atom < 0, s, atom)
+        nearest = dist.new_full((c, s, s + 1), rc2).scatter_reduce_(-1, atom, dist.detach(), "amin")
+        count = torch.zeros(c, s, s + 1, dtype=torch.int32, device=d2.device)
+        count.scatter_add_(-1, atom, torch.ones_like(atom, dtype=torch.int32))
+        images = PairImages(dist, atom, dist - nearest.gather(-1, atom), nearest[..., :s], count[..., :s] == 0, None, rbf)
+        if block.cosines is not None and rbf is not None:  # one piece: its bases once for every layer
+            images.basis = images.bases(0, s)
+        out.append(images)
+    return out
 
 
 def _refuse_open(pbc: np.ndarray, label: str, domain: str) -> None:
@@ -345,6 +398,76 @@ def _block_rows(q, k, v, sigma2, block: WaveBlock, floor: float, a: int, b: int)
     return torch.einsum("cihj,cjhd->cihd", logits.softmax(-1), v)
 
 
+def routed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, sigma2: torch.Tensor,
+    gate_logit: torch.Tensor, geom: ReciprocalGeometry, images: list[PairImages],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routed heads: Σ_j a_ij v_j (N, H, dh) and the real-space images' weighted radial bases
+    (N, H, K) for β (None without bases), where each head's pair weight mixes the two lattice
+    sums with a gate g = sigmoid(``gate_logit``) (N, H):
+
+        exp(α_ij) = g_i Σ_n exp(γ_i d_ij(n)²) + (1 − g_i) Σ_n exp(−d_ij(n)²/2σ_i²),
+        a_ij = softmax_j(q_i·k_j/√dh + α_ij),
+
+    the first sum over the window's images (γ (N, H), as the real heads), the second over the
+    whole lattice by its Fourier series (σ² (N, H), as the reciprocal heads). The mixture is
+    of the sums, not of their logs: only a weight that is a sum over images, each image
+    weighing the same whatever cell holds the crystal, keeps the model invariant to
+    supercells (a pair (i, j) of the cell is several pairs of a supercell, whose weights
+    must add up to its weight). β comes from the real component alone: slot weights
+    exp(q_i·k_j/√dh)·g_i·exp(γ_i d²)/Z, the reciprocal heads' having no β.
+    Chunked and checkpointed for large crystals as ``reciprocal_attention`` is.
+    """
+    values, mixed = [], []
+    padded = zip(geom.blocks, images, *(geom.padded(t) for t in (q, k, v, gamma, gate_logit)),
+                 geom.padded(sigma2, fill=1.0))
+    for block, img, qb, kb, vb, gb, tb, s2 in padded:
+        c, n, kw = block.shape
+        if block.cosines is not None:
+            parts = [_routed_rows(qb, kb, vb, gb, tb, s2, block, img, geom.floor, 0, n)]
+        else:
+            rows = max(1, MAX_SLOTS // max(1, 2 * s2.shape[-1] * max(kw, img.d2.shape[-1])))
+            run = partial(checkpoint, _routed_rows, use_reentrant=False) if torch.is_grad_enabled() else _routed_rows
+            parts = [run(qb, kb, vb, gb, tb, s2, block, img, geom.floor, a, min(a + rows, n)) for a in range(0, n, rows)]
+        values.append(torch.cat([p[0] for p in parts], 1))
+        if parts[0][1] is not None:
+            mixed.append(torch.cat([p[1] for p in parts], 1))
+    return geom.unpadded(values), geom.unpadded(mixed) if mixed else None
+
+
+def _routed_rows(q, k, v, gamma, gate_logit, sigma2, block: WaveBlock, img: PairImages, floor: float, a: int, b: int):
+    """``routed_attention`` of query rows a..b−1 of every crystal of the block: (C, r, H, dh)
+    and (C, r, H, K) or None."""
+    c, s, h = q.shape[0], q.shape[1], q.shape[2]
+    r, m = b - a, img.d2.shape[-1]
+    logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b] / math.sqrt(q.shape[-1]), k)  # (C, r, H, S)
+    # The real sum relative to each pair's nearest image, so that no sum underflows:
+    # α_real = γ·d²_min + log Σ_n exp(γ (d²_n − d²_min)), each term ≤ 1, the nearest one 1.
+    # Images below _tiny of their pair's nearest are dropped, as the real heads drop them.
+    g = gamma[:, a:b]  # (C, r, H)
+    exponent = g[..., None] * img.excess[:, a:b, None, :]  # (C, r, H, M), ≤ 0
+    expo = F.threshold(exponent, math.log(_tiny(exponent.dtype)), float("-inf")).exp()
+    index = img.atom[:, a:b, None, :].expand(c, r, h, m)
+    empty = img.empty[:, a:b, None, :]
+    # + 1 for a pair without images (no log 0), whose real sum is then 0:
+    total = expo.new_zeros(c, r, h, s + 1).scatter_add(-1, index, expo)[..., :s] + empty
+    alpha_real = (g[..., None] * img.nearest[:, a:b, None, :] + total.log()).masked_fill(empty, float("-inf"))
+    t = gate_logit[:, a:b, :, None]
+    real_part = F.logsigmoid(t) + alpha_real  # log(g·exp α_real)
+    alpha = torch.logaddexp(real_part, F.logsigmoid(-t) + log_lattice_sum(sigma2[:, a:b], block, floor, a))
+    logits = logits + alpha
+    if block.padding:
+        logits = logits.masked_fill(~block.atom_mask[:, None, None, :], float("-inf"))
+    attn = logits.softmax(-1)
+    values = torch.einsum("cihj,cjhd->cihd", attn, v)
+    if img.rbf is None:
+        return values, None
+    # slot weights a_ij·(g e^α_real / e^α)·π_ij(n), π = exp(γ d²_n − α_real)
+    share = attn * torch.exp(real_part - alpha) / total
+    slot_weight = F.pad(share, (0, 1)).gather(-1, index) * expo  # the extra column: 0 on padding slots
+    return values, img.bases(a, b).contract(slot_weight.view(c * r, h, m)).view(c, r, h, -1)
+
+
 def layer_kind(config: ModelConfig, layer: int) -> str:
     """'real', 'reciprocal', 'dual' or 'routed': the heads of block ``layer``."""
     if config.domain == "alternating":
@@ -362,10 +485,13 @@ class MixedSpaceAttention(PeriodicAttention):
     """A periodic attention layer whose heads sum in real space, reciprocal space or both.
 
     ``kind`` 'reciprocal': every head reciprocal; 'dual': heads 0..H/2−1 real (with β), the
-    rest reciprocal (without β); 'routed': every head computes both outputs and mixes them,
-    g·o_real + (1 − g)·o_reciprocal with g = sigmoid(τ·(q_i·u_h + c_h)) learned per head and
-    atom (u = c = 0 at start: an even mix; τ = ``config.route_temperature``); 'real': the plain real-space layer. The frozen
-    standardisation that gives ρ is shared by all heads of the layer.
+    rest reciprocal (without β); 'routed': every head's exp(α) is g·exp(α^real) +
+    (1 − g)·exp(α^recip), a narrow and a wide Gaussian mixed, with one softmax over the atoms
+    j and β from the real-space images (``routed_attention``); the gate
+    g = sigmoid(τ·(q_i·u_h + c_h)) is learned per head and
+    atom (u = c = 0 at start: an even mix; τ = ``config.route_temperature``); 'real': the
+    plain real-space layer. The frozen standardisation that gives ρ is shared by all heads
+    of the layer: real-space widths σ = r0/√ρ, reciprocal ones s·√ρ.
     """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -381,19 +507,27 @@ class MixedSpaceAttention(PeriodicAttention):
                 else None
             )
         if kind == "routed":
-            self.route_weight = nn.Parameter(torch.zeros(h, self.d_head))
-            self.route_bias = nn.Parameter(torch.zeros(h))
+            self.gate_weight = nn.Parameter(torch.zeros(h, self.d_head))
+            self.gate_bias = nn.Parameter(torch.zeros(h))
             self.route_temperature = config.route_temperature
 
+    def route_logit(self, q: torch.Tensor) -> torch.Tensor:
+        """τ·(q_i·u_h + c_h) per atom and head (N, H), routed layers only: the gate's logit."""
+        return self.route_temperature * ((q * self.gate_weight).sum(-1) + self.gate_bias)
+
     def route(self, q: torch.Tensor) -> torch.Tensor:
-        """Weight of the real-space output per atom and head (N, H), routed layers only."""
-        return torch.sigmoid(self.route_temperature * ((q * self.route_weight).sum(-1) + self.route_bias))
+        """Weight g of the real-space lattice sum per atom and head (N, H), routed layers only."""
+        return torch.sigmoid(self.route_logit(q))
 
     def forward(self, x: torch.Tensor, geom: SpaceGeometry) -> torch.Tensor:
         """x (N, d) → (N, d)."""
         n, hr = x.shape[0], self.real_heads
         q, k, v = self._project(x)  # (N, H, dh) each
         rho = self.rho(q)  # (N, H)
+        if self.kind == "routed":
+            values, mixed = routed_attention(q, k, v, -rho / (2 * self.r0**2), self.reciprocal_scale**2 * rho,
+                                             self.route_logit(q), geom.reciprocal, geom.images)
+            return self.out_proj(self.with_edges(values, mixed).reshape(n, -1))
         if hr:
             gamma = -rho[:, :hr] / (2 * self.r0**2)
             # no slice for a layer of real heads only: a slice's backward is a zero fill and a copy
@@ -401,14 +535,9 @@ class MixedSpaceAttention(PeriodicAttention):
             real = self.real_values(*heads, geom.real)
         if self.kind == "real":
             return self.out_proj(real.reshape(n, -1))
-        heads = (q, k, v, rho) if self.kind == "routed" else (t[:, hr:] for t in (q, k, v, rho))
-        qr, kr, vr, rhor = heads
+        qr, kr, vr, rhor = (t[:, hr:] for t in (q, k, v, rho))
         reci = reciprocal_attention(qr, kr, vr, self.reciprocal_scale**2 * rhor, geom.reciprocal)
-        if self.kind == "routed":
-            g = self.route(q)[..., None]
-            values = g * real + (1 - g) * reci
-        else:
-            values = torch.cat([real, reci], 1) if hr else reci
+        values = torch.cat([real, reci], 1) if hr else reci
         return self.out_proj(values.reshape(n, -1))
 
 
@@ -420,4 +549,6 @@ def attention_for(config: ModelConfig, layer: int) -> nn.Module:
 
 
 def uses_real_window(config: ModelConfig) -> bool:
-    return any(layer_kind(config, layer) != "reciprocal" for layer in range(config.n_blocks))
+    """Whether some layer runs the real heads' softmax over window images (routed layers
+    take the window per pair instead: ``pair_images``)."""
+    return any(layer_kind(config, layer) in ("real", "dual") for layer in range(config.n_blocks))

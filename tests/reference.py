@@ -95,7 +95,7 @@ def lattice_gaussian_sum(r: torch.Tensor, cell: np.ndarray, sigma: torch.Tensor,
     return torch.exp(-d2 / (2 * sigma[..., None] ** 2)).sum(-1)
 
 
-def reference_mixed_attention(attn, x, positions, cell, images, wide_radius: float) -> torch.Tensor:
+def reference_mixed_attention(attn, x, positions, cell, images, wide_radius: float, cutoff: float) -> torch.Tensor:
     """Layer output (N, d) of a ``reciprocal.MixedSpaceAttention`` layer for one crystal.
 
     Real-space heads as ``reference_attention`` over ``images``; reciprocal heads are the same
@@ -120,11 +120,32 @@ def reference_mixed_attention(attn, x, positions, cell, images, wide_radius: flo
         real = _heads(q[:, :hr], k[:, :hr], v[:, :hr], real_gamma[:, :hr], d2, attn.rbf_proj)[0]
         wide = _heads(q[:, hr:], k[:, hr:], v[:, hr:], wide_gamma[:, hr:], wide_d2, None)[0]
         out = torch.cat([real, wide], 1)
-    else:  # routed
-        g = attn.route(q)[..., None]
-        real = _heads(q, k, v, real_gamma, d2, attn.rbf_proj)[0]
-        out = g * real + (1 - g) * _heads(q, k, v, wide_gamma, wide_d2, None)[0]
+    else:  # routed: exp α = g·exp α_real + (1 − g)·exp α_wide, one softmax over j, β from the real images
+        out = _routed_heads(q, k, v, real_gamma, wide_gamma, attn.route(q), d2, wide_d2, attn.rbf_proj, cutoff)
     return attn.out_proj(out.reshape(n, -1))
+
+
+def _routed_heads(q, k, v, real_gamma, wide_gamma, gate, d2, wide_d2, rbf_proj, cutoff):
+    """Routed head outputs (N, H, dh): exp(α) = g·Σ_n exp(γ d²) over the images within
+    ``cutoff`` (the package's window) + (1 − g)·Σ_n exp(γ_wide d²) over all of them; β from
+    the real component's images."""
+    inside = d2 <= cutoff**2  # (N, N, W)
+    real_logits = torch.where(inside[..., None], real_gamma[:, None, None, :] * d2[..., None], -math.inf)
+    real_part = torch.log(gate)[:, None, :] + torch.logsumexp(real_logits, dim=2)  # (N, N, H) log(g·Σ)
+    wide_part = torch.log(1 - gate)[:, None, :] + torch.logsumexp(wide_gamma[:, None, None, :] * wide_d2[..., None], dim=2)
+    alpha = torch.logaddexp(real_part, wide_part)
+    score = torch.einsum("ihd,jhd->ijh", q, k) / math.sqrt(q.shape[-1]) + alpha
+    a = torch.softmax(score, dim=1)
+    values = v[None].expand(q.shape[0], *v.shape)
+    if rbf_proj is not None:
+        # image weights of the real component, relative to the pair's whole weight
+        pi = torch.exp(torch.log(gate)[:, None, None, :] + real_logits - alpha[:, :, None, :])  # (N, N, W, H)
+        k_rbf = rbf_proj.shape[-1]
+        width = 14.0 / k_rbf
+        centers = torch.arange(1, k_rbf + 1, dtype=q.dtype) * width
+        b = torch.exp(-0.5 * ((torch.sqrt(d2.clamp_min(1e-30))[..., None] - centers) / width) ** 2)
+        values = values + torch.einsum("ijhk,hdk->ijhd", torch.einsum("ijwh,ijwk->ijhk", pi, b), rbf_proj)
+    return torch.einsum("ijh,ijhd->ihd", a, values)
 
 
 def reference_forward(
@@ -141,7 +162,8 @@ def reference_forward(
     x = model.embedding(torch.tensor(atoms.numbers) - 1)
     for block in model.blocks:
         if isinstance(block.attention, MixedSpaceAttention):
-            x = x + reference_mixed_attention(block.attention, x, positions, cell, images, wide_radius)
+            x = x + reference_mixed_attention(block.attention, x, positions, cell, images, wide_radius,
+                                              model.config.cutoff)
         else:
             x = x + reference_attention(block.attention, x, positions, cell, images)[0]
         x = x + block.ffn(x)

@@ -25,9 +25,9 @@ def model(request) -> Crystalformer:
     spread_sigma(m)
     with torch.no_grad():  # routed: gates that differ per head and atom
         for block in m.blocks:
-            if hasattr(block.attention, "route_weight"):
-                block.attention.route_weight.normal_(0, 1.0)
-                block.attention.route_bias.normal_(0, 1.0)
+            if hasattr(block.attention, "gate_weight"):
+                block.attention.gate_weight.normal_(0, 1.0)
+                block.attention.gate_bias.normal_(0, 1.0)
     return m.eval()
 
 

@@ -13,7 +13,9 @@ from reference import lattice_gaussian_sum, reference_forward
 from structures_for_tests import random_cell, random_crystal
 
 from ase_crystalformer import Crystalformer, ModelConfig, TargetSpec
+from ase_crystalformer.checkpoint import read_checkpoint, save_checkpoint
 from ase_crystalformer.config import DOMAINS
+from ase_crystalformer.errors import CheckpointError
 from ase_crystalformer.errors import StructureError
 from ase_crystalformer.forces import energy_forces_stress
 from ase_crystalformer.geometry import collate, windows_for
@@ -107,11 +109,18 @@ def test_window_depends_on_the_lattice_not_the_basis():
 
 
 # ----------------------------------------------------------------------------- config
-def test_routed_config_saved_before_the_gate_temperature_loads_at_temperature_one():
-    old = ModelConfig(domain="routed").to_dict()
-    del old["route_temperature"]
-    assert ModelConfig.from_dict(old).route_temperature == 1.0
-    assert ModelConfig.from_dict(ModelConfig(domain="routed").to_dict()).route_temperature == 10.0
+def test_a_routed_checkpoint_of_the_output_mixture_form_is_refused_by_name(tmp_path, monkeypatch):
+    """Routed weights of the earlier form (gates named route_*, mixing head outputs) would
+    load into the α mixture and compute something else: refused, with what to do."""
+    model = Crystalformer(replace(TINY, domain="routed"))
+    old = {k.replace(".gate_", ".route_"): v for k, v in model.state_dict().items()}
+    monkeypatch.setattr(Crystalformer, "state_dict", lambda self: old)
+    save_checkpoint(model, tmp_path / "old.safetensors")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="earlier form.*retrain it with --domain routed"):
+        read_checkpoint(tmp_path / "old.safetensors")
+    save_checkpoint(model, tmp_path / "new.safetensors")
+    assert read_checkpoint(tmp_path / "new.safetensors")[0].config.domain == "routed"
 
 
 def test_config_domain_round_trip_and_default():
@@ -155,8 +164,8 @@ def _model(domain: str, seed: int = 1, config: ModelConfig = TINY) -> Crystalfor
     with torch.no_grad():
         for block in model.blocks:
             if getattr(block.attention, "kind", None) == "routed":  # gates that vary per atom
-                block.attention.route_weight.normal_(0, 1.0)
-                block.attention.route_bias.normal_(0, 1.0)
+                block.attention.gate_weight.normal_(0, 1.0)
+                block.attention.gate_bias.normal_(0, 1.0)
     return model.eval()
 
 
@@ -175,6 +184,22 @@ def test_model_matches_the_real_space_reference(domain):
         fast = model(collate(windows_for([atoms], 14.0), torch.float64))[0]
         slow = reference_forward(model, atoms, radius=22.0, wide_radius=60.0)
         torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-10)
+
+
+def test_routed_pairs_without_an_image_in_the_window_match_the_reference():
+    """A cell longer than the 7 Å window: the pairs (i, j) between the two layers have no
+    image in it, so only the wide (reciprocal) component of their weight reaches them; the
+    fast path agrees with the brute-force one, and the gates matter."""
+    atoms = Atoms("LiF", positions=[(0.3, 0.2, 0.1), (1.1, 0.9, 10.0)], cell=[3.1, 3.3, 20.0], pbc=True)
+    windows = windows_for([atoms], TINY.cutoff)
+    assert len(windows[0].pair_i) < 4  # not every pair is in the window
+    model = _model("routed")
+    fast = model(collate(windows, torch.float64))[0]
+    slow = reference_forward(model, atoms, radius=22.0, wide_radius=60.0)
+    torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        model.blocks[0].attention.gate_bias.add_(0.5)
+    assert not torch.allclose(model(collate(windows, torch.float64))[0], fast, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------- derivatives
@@ -337,17 +362,18 @@ def test_routed_gates_start_even_and_learn():
     q = torch.randn(5, 4, 8)
     assert torch.equal(attention.route(q), torch.full((5, 4), 0.5))
     with torch.no_grad():
-        attention.route_bias.fill_(0.1)  # the logit is τ·0.1 = 1 at the default τ = 10
+        attention.gate_bias.fill_(0.1)  # the logit is τ·0.1 = 1 at the default τ = 10
     assert torch.allclose(attention.route(q), torch.sigmoid(torch.ones(5, 4)))
     loss = model(_batch(_crystals(2), torch.float32)).sum()
     loss.backward()
-    assert float(attention.route_bias.grad.abs().sum()) > 0 and float(attention.route_weight.grad.abs().sum()) > 0
+    assert float(attention.gate_bias.grad.abs().sum()) > 0 and float(attention.gate_weight.grad.abs().sum()) > 0
 
 
-def test_row_chunks_of_a_crystal_give_the_same_layer_and_gradients(monkeypatch):
+@pytest.mark.parametrize("domain", ["reciprocal", "routed"])
+def test_row_chunks_of_a_crystal_give_the_same_layer_and_gradients(monkeypatch, domain):
     import ase_crystalformer.reciprocal as reciprocal
 
-    model = _energy_model("reciprocal")
+    model = _energy_model(domain)
     atoms = _crystals(1, seed=5)[0].repeat((2, 1, 1))
     batch = _batch([atoms])
     whole = energy_forces_stress(model, batch, create_graph=True)
