@@ -402,9 +402,10 @@ def routed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, sigma2: torch.Tensor,
     gate_logit: torch.Tensor, geom: ReciprocalGeometry, images: list[PairImages],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Routed heads: Σ_j a_ij v_j (N, H, dh) and the real-space images' weighted radial bases
-    (N, H, K) for β (None without bases), where each head's pair weight mixes the two lattice
-    sums with a gate g = sigmoid(``gate_logit``) (N, H):
+    """Routed heads: Σ_j a_ij v_j (N, H, dh), the real-space images' weighted radial bases
+    (N, H, K) for β (None without bases) and the share of each head's attention that its
+    real-space component carries (N, H), where each head's pair weight mixes the two
+    lattice sums with a gate g = sigmoid(``gate_logit``) (N, H):
 
         exp(α_ij) = g_i Σ_n exp(γ_i d_ij(n)²) + (1 − g_i) Σ_n exp(−d_ij(n)²/2σ_i²),
         a_ij = softmax_j(q_i·k_j/√dh + α_ij),
@@ -418,7 +419,7 @@ def routed_attention(
     exp(q_i·k_j/√dh)·g_i·exp(γ_i d²)/Z, the reciprocal heads' having no β.
     Chunked and checkpointed for large crystals as ``reciprocal_attention`` is.
     """
-    values, mixed = [], []
+    values, mixed, fraction = [], [], []
     padded = zip(geom.blocks, images, *(geom.padded(t) for t in (q, k, v, gamma, gate_logit)),
                  geom.padded(sigma2, fill=1.0))
     for block, img, qb, kb, vb, gb, tb, s2 in padded:
@@ -430,14 +431,15 @@ def routed_attention(
             run = partial(checkpoint, _routed_rows, use_reentrant=False) if torch.is_grad_enabled() else _routed_rows
             parts = [run(qb, kb, vb, gb, tb, s2, block, img, geom.floor, a, min(a + rows, n)) for a in range(0, n, rows)]
         values.append(torch.cat([p[0] for p in parts], 1))
+        fraction.append(torch.cat([p[2] for p in parts], 1))
         if parts[0][1] is not None:
             mixed.append(torch.cat([p[1] for p in parts], 1))
-    return geom.unpadded(values), geom.unpadded(mixed) if mixed else None
+    return geom.unpadded(values), geom.unpadded(mixed) if mixed else None, geom.unpadded(fraction)
 
 
 def _routed_rows(q, k, v, gamma, gate_logit, sigma2, block: WaveBlock, img: PairImages, floor: float, a: int, b: int):
-    """``routed_attention`` of query rows a..b−1 of every crystal of the block: (C, r, H, dh)
-    and (C, r, H, K) or None."""
+    """``routed_attention`` of query rows a..b−1 of every crystal of the block: (C, r, H, dh),
+    (C, r, H, K) or None, and (C, r, H)."""
     c, s, h = q.shape[0], q.shape[1], q.shape[2]
     r, m = b - a, img.d2.shape[-1]
     logits = torch.einsum("cihd,cjhd->cihj", q[:, a:b] / math.sqrt(q.shape[-1]), k)  # (C, r, H, S)
@@ -460,12 +462,13 @@ def _routed_rows(q, k, v, gamma, gate_logit, sigma2, block: WaveBlock, img: Pair
         logits = logits.masked_fill(~block.atom_mask[:, None, None, :], float("-inf"))
     attn = logits.softmax(-1)
     values = torch.einsum("cihj,cjhd->cihd", attn, v)
+    real_attn = attn * torch.exp(real_part - alpha)  # a_ij · g e^α_real / e^α
+    fraction = real_attn.sum(-1).detach()
     if img.rbf is None:
-        return values, None
+        return values, None, fraction
     # slot weights a_ij·(g e^α_real / e^α)·π_ij(n), π = exp(γ d²_n − α_real)
-    share = attn * torch.exp(real_part - alpha) / total
-    slot_weight = F.pad(share, (0, 1)).gather(-1, index) * expo  # the extra column: 0 on padding slots
-    return values, img.bases(a, b).contract(slot_weight.view(c * r, h, m)).view(c, r, h, -1)
+    slot_weight = F.pad(real_attn / total, (0, 1)).gather(-1, index) * expo  # the extra column: 0 on padding slots
+    return values, img.bases(a, b).contract(slot_weight.view(c * r, h, m)).view(c, r, h, -1), fraction
 
 
 def layer_kind(config: ModelConfig, layer: int) -> str:
@@ -519,14 +522,26 @@ class MixedSpaceAttention(PeriodicAttention):
         """Weight g of the real-space lattice sum per atom and head (N, H), routed layers only."""
         return torch.sigmoid(self.route_logit(q))
 
+    def routed(self, q, k, v, rho, geom: SpaceGeometry):
+        """``routed_attention`` of this layer's heads."""
+        return routed_attention(q, k, v, -rho / (2 * self.r0**2), self.reciprocal_scale**2 * rho,
+                                self.route_logit(q), geom.reciprocal, geom.images)
+
+    def routing(self, x: torch.Tensor, geom: SpaceGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a routed layer does with its input x (N, d): the gate g (N, H) and the share of
+        each head's attention carried by its real-space component (N, H), which also depends
+        on how the two lattice sums compare (1: a real-space head, 0: a reciprocal one).
+        Not used by ``forward``; for looking inside a trained model."""
+        q, k, v = self._project(x)
+        return self.route(q), self.routed(q, k, v, self.rho(q), geom)[2]
+
     def forward(self, x: torch.Tensor, geom: SpaceGeometry) -> torch.Tensor:
         """x (N, d) → (N, d)."""
         n, hr = x.shape[0], self.real_heads
         q, k, v = self._project(x)  # (N, H, dh) each
         rho = self.rho(q)  # (N, H)
         if self.kind == "routed":
-            values, mixed = routed_attention(q, k, v, -rho / (2 * self.r0**2), self.reciprocal_scale**2 * rho,
-                                             self.route_logit(q), geom.reciprocal, geom.images)
+            values, mixed, _ = self.routed(q, k, v, rho, geom)
             return self.out_proj(self.with_edges(values, mixed).reshape(n, -1))
         if hr:
             gamma = -rho[:, :hr] / (2 * self.r0**2)

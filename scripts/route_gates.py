@@ -1,12 +1,14 @@
-"""What a routed model learned: the weight of each head's real-space output, per layer.
+"""What a routed model learned: the weight of each head's real-space lattice sum, per layer.
 
     python scripts/route_gates.py --model runs/recip/eform-routed/best.safetensors \\
         --data mp-megnet --data-dir ../shared/data [--split val]
 
-A routed head mixes g·o_real + (1 − g)·o_reciprocal with g = sigmoid(q_i·u_h + c_h) per atom
-(``reciprocal.MixedSpaceAttention``). Prints, per layer and head, the mean g over the atoms
-of the split's structures and the share of atoms with g < 0.5 (mostly reciprocal): g = 0.5 is
-where training started, 1 a real-space head, 0 a reciprocal one.
+A routed head weighs pair (i, j) by exp(α_ij) = g·(real-space lattice sum) + (1 − g)·(reciprocal-
+space one), g = sigmoid(τ·(q_i·u_h + c_h)) per atom (``reciprocal.routed_attention``). Prints,
+per layer and head, the mean over the atoms of the split's structures of g (0.5 where training
+started) and of the share of the head's attention that its real-space component carries
+(``MixedSpaceAttention.routing``: 1 a real-space head, 0 a reciprocal one; it also depends on
+how large the two sums are, which the gate alone does not say).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from ase_crystalformer.reciprocal import MixedSpaceAttention
 from ase_crystalformer.training import make_examples
 
 
-def route_gates(model, dataset, split: str = "val") -> dict[int, torch.Tensor]:
-    """g per atom and head (N, H) of every routed layer over ``split``'s structures."""
+def route_gates(model, dataset, split: str = "val") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per routed layer, g and the real-space share of attention per atom and head, (N, H) each,
+    over ``split``'s structures."""
     examples, _ = make_examples(dataset, dataset.splits[split], model.config)
     hooks, seen = [], {}
     for layer, block in enumerate(model.blocks):
@@ -31,8 +34,7 @@ def route_gates(model, dataset, split: str = "val") -> dict[int, torch.Tensor]:
         if isinstance(attention, MixedSpaceAttention) and attention.kind == "routed":
 
             def grab(module, args, layer=layer):
-                q = module._project(args[0])[0]
-                seen.setdefault(layer, []).append(module.route(q).detach())
+                seen.setdefault(layer, []).append(module.routing(*args))
 
             hooks.append(attention.register_forward_pre_hook(grab))
     model.eval()
@@ -41,7 +43,7 @@ def route_gates(model, dataset, split: str = "val") -> dict[int, torch.Tensor]:
             model(collate([e.window for e in examples[k : k + 64]], model.dtype))
     for hook in hooks:
         hook.remove()
-    return {layer: torch.cat(values) for layer, values in sorted(seen.items())}
+    return {layer: tuple(torch.cat(parts) for parts in zip(*values)) for layer, values in sorted(seen.items())}
 
 
 def main() -> None:
@@ -62,10 +64,11 @@ def main() -> None:
     heads = model.config.n_heads
     print("| layer | " + " | ".join(f"head {h}" for h in range(heads)) + " |")
     print("|---|" + "---|" * heads)
-    for layer, g in gates.items():
-        cells = [f"{g[:, h].mean():.2f} ({(g[:, h] < 0.5).float().mean():.0%})" for h in range(heads)]
+    for layer, (g, share) in gates.items():
+        cells = [f"{g[:, h].mean():.2f} / {share[:, h].mean():.2f}" for h in range(heads)]
         print(f"| {layer} | " + " | ".join(cells) + " |")
-    print(f"\nmean real-space weight g per head (share of atoms with g < 0.5), {args.split}, {len(next(iter(gates.values())))} atoms")
+    atoms = len(next(iter(gates.values()))[0])
+    print(f"\nper head: mean gate g / mean real-space share of attention, {args.split} split, {atoms} atoms")
 
 
 if __name__ == "__main__":

@@ -302,7 +302,8 @@ def test_training_a_reciprocal_model_skips_slabs_with_their_reason(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_cli_train_dual_checkpoint_predict_and_calculator(tmp_path):
+@pytest.mark.parametrize("domain", ["dual", "routed"])
+def test_cli_train_checkpoint_predict_and_calculator(tmp_path, domain):
     from pathlib import Path
 
     import ase.io
@@ -316,13 +317,13 @@ def test_cli_train_dual_checkpoint_predict_and_calculator(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [
         "train", "--data", str(fixture), "--target", "e_form", "--as-energy", "e_form", "--epochs", "2",
-        "--swa-epochs", "1", "--batch-size", "8", "--blocks", "2", "--cutoff", "7", "--domain", "dual",
+        "--swa-epochs", "1", "--batch-size", "8", "--blocks", "2", "--cutoff", "7", "--domain", domain,
         "--out", str(out), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "swa_test: e_form MAE" in result.output
     model = load_model(out / "best.safetensors")
-    assert model.config.domain == "dual"
-    assert [b.attention.kind for b in model.blocks] == ["dual", "dual"]
+    assert model.config.domain == domain
+    assert [b.attention.kind for b in model.blocks] == [domain, domain]
     again = load_model(save_checkpoint(model, tmp_path / "copy.safetensors"))
     structures = ase.io.read(fixture, index=":3")  # in the training domain
     np.testing.assert_array_equal(again.predict(structures), model.predict(structures))
