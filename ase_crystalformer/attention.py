@@ -145,7 +145,12 @@ class BandedBasis:
 
     def contract(self, weights: torch.Tensor) -> torch.Tensor:
         """Σ_slots weights·b(d), (n, H, K), from weights (n, H, m)."""
-        out = [F.pad(torch.bmm(weights[:, :, a:b], basis), (k0, self.n_rbf - k1))
+        # One split rather than a slice per range: under autograd each slice's backward
+        # writes a zero-filled (n, H, m) gradient and they are summed; split's is one cat.
+        bounds = sorted({0, weights.shape[2], *(x for part in self.parts for x in part[:2])})
+        pieces = torch.split(weights, [b - a for a, b in zip(bounds, bounds[1:])], dim=2)
+        start = dict(zip(bounds, pieces))
+        out = [F.pad(torch.bmm(start[a], basis), (k0, self.n_rbf - k1))
                for a, b, k0, k1, basis in self.parts]
         if not out:
             return weights.new_zeros(weights.shape[0], weights.shape[1], self.n_rbf)

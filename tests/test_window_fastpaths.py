@@ -88,3 +88,28 @@ def test_neighbour_lists_in_any_order_give_the_same_window(monkeypatch) -> None:
         assert np.array_equal(getattr(usual, name), getattr(other, name)), name
     first = other.slot == 0  # each atom's nearest image is its self image
     assert (other.neighbor[first] == other.center[first]).all() and (other.shift[first] == 0).all()
+
+
+def test_windows_on_threads_are_the_serial_windows_in_input_order() -> None:
+    import dataclasses
+
+    import pytest
+    from ase import Atoms
+
+    from ase_crystalformer.errors import StructureError
+    from ase_crystalformer.geometry import windows_for
+
+    crystals = [bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1)),
+                bulk("NaCl", "rocksalt", a=5.6), bulk("Mg", "hcp")] * 3
+    for k, atoms in enumerate(crystals):
+        atoms.rattle(0.02, seed=k)
+    serial, threaded = windows_for(crystals, 6.0, threads=1), windows_for(crystals, 6.0, threads=3)
+    for a, b in zip(serial, threaded, strict=True):
+        for f in dataclasses.fields(a):
+            assert np.array_equal(getattr(a, f.name), getattr(b, f.name)), f.name
+    # Two bad structures: the error names the first in input order, whatever thread fails first.
+    overlapping = Atoms("Cu2", positions=[[0, 0, 0], [0.01, 0, 0]], cell=np.eye(3) * 4.0, pbc=True)
+    empty = Atoms(cell=np.eye(3) * 4.0, pbc=True)
+    bad = crystals[:5] + [overlapping] + crystals[5:] + [empty]
+    with pytest.raises(StructureError, match=r"structure 5 \(Cu2\).*overlapping"):
+        windows_for(bad, 6.0, threads=3)
