@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
+from ase import Atoms
 from ase.build import bulk
 from ase.geometry.minkowski_reduction import is_minkowski_reduced
 
-from ase_crystalformer.geometry import _is_reduced, build_window
+from ase_crystalformer.errors import StructureError
+from ase_crystalformer.geometry import _is_reduced, build_window, windows_for
 
 
 def test_is_reduced_agrees_with_ase() -> None:
@@ -91,18 +96,13 @@ def test_neighbour_lists_in_any_order_give_the_same_window(monkeypatch) -> None:
 
 
 def test_windows_on_threads_are_the_serial_windows_in_input_order() -> None:
-    import dataclasses
-
-    import pytest
-    from ase import Atoms
-
-    from ase_crystalformer.errors import StructureError
-    from ase_crystalformer.geometry import windows_for
-
-    crystals = [bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1)),
-                bulk("NaCl", "rocksalt", a=5.6), bulk("Mg", "hcp")] * 3
-    for k, atoms in enumerate(crystals):
+    bases = [bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1)),
+             bulk("NaCl", "rocksalt", a=5.6), bulk("Mg", "hcp")]
+    crystals = []
+    for k in range(12):  # twelve distinct structures: a window out of order cannot match
+        atoms = bases[k % 4].copy()
         atoms.rattle(0.02, seed=k)
+        crystals.append(atoms)
     serial, threaded = windows_for(crystals, 6.0, threads=1), windows_for(crystals, 6.0, threads=3)
     for a, b in zip(serial, threaded, strict=True):
         for f in dataclasses.fields(a):
