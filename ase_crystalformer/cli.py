@@ -781,6 +781,9 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
 @click.option("--relaxed-share", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Share of the draws that are relaxed MP structures.")
 @click.option("--relaxed-energies/--no-relaxed-energies", default=True, show_default=True, help="Whether the relaxed structures' formation energies enter the energy loss (without: they teach zero forces and stress only; see potential.make_examples).")
 @click.option("--references", "reference_scale", type=click.Choice(["aligned", "linear"]), default="aligned", show_default=True, help="Reference energies: 'aligned' puts every source on MP's formation-energy scale (total-energy sources fitted against the shipped mp-e_form model's formation energies), 'linear' fits each source on its own (ase_crystalformer.potential).")
+@click.option("--modulus-weight", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Weight of the relative bulk-modulus error (mp-elastic K_VRH at DFT cells, by isotropic strain; ase_crystalformer.elastic) in the loss; 0: no modulus term.")
+@click.option("--modulus-batch", default=8, show_default=True, type=click.IntRange(min=1), help="mp-elastic structures per step for the modulus term.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Start from this potential checkpoint's weights (same architecture and reference energies).")
 @click.option("--max-val-relaxed", default=200, show_default=True, type=click.IntRange(min=0), help="Relaxed MEGNet-val structures in the validation set.")
 @click.option("--blocks", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--d-model", default=64, show_default=True, type=click.IntRange(min=8))
@@ -793,7 +796,8 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
 @device_option
 def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
                     lr_decay_steps: int, swa_epochs: int, force_weight: float, stress_weight: float,
-                    relaxed_share: float, relaxed_energies: bool, reference_scale: str, max_val_relaxed: int, blocks: int, d_model: int, heads: int, readout: str, seed: int,
+                    relaxed_share: float, relaxed_energies: bool, reference_scale: str, modulus_weight: float,
+                    modulus_batch: int, init_from: str | None, max_val_relaxed: int, blocks: int, d_model: int, heads: int, readout: str, seed: int,
                     threads: int | None, resume: bool, overwrite: bool, device: str) -> None:
     """Train a Crystalformer potential on DFT energies, forces and stresses.
 
@@ -825,7 +829,9 @@ def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, 
         model_config = default_model_config(n_blocks=blocks, d_model=d_model, n_heads=heads,
                                             d_ff=4 * d_model, d_head_mlp=d_model, readout=readout)
         report = run(data_dir, out, config=config, model_config=model_config, steps_per_epoch=steps_per_epoch,
-                     relaxed_share=relaxed_share, relaxed_energies=relaxed_energies, references=reference_scale, max_val_relaxed=max_val_relaxed, resume=resume, overwrite=overwrite, device=device,
+                     relaxed_share=relaxed_share, relaxed_energies=relaxed_energies, references=reference_scale,
+                     modulus_weight=modulus_weight, modulus_batch=modulus_batch, init_from=init_from,
+                     max_val_relaxed=max_val_relaxed, resume=resume, overwrite=overwrite, device=device,
                      command=" ".join(["crystalformer", *sys.argv[1:]]), on_epoch=echo)
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err

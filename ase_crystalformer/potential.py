@@ -43,15 +43,17 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.data import chemical_symbols
+from ase.units import GPa
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from .checkpoint import load_model, read_checkpoint
 from .config import ModelConfig, TargetSpec, TrainConfig
 from .data import load_dataset
 from .domain import OutOfDomainWarning, training_domain
+from .elastic import ModulusExample, relative_errors
 from .errors import CheckpointError, DataError, StructureError
 from .forces import energy_forces_stress
-from .geometry import build_window
+from .geometry import build_window, windows_for
 from .inference import resolve_device
 from .model import Crystalformer
 from .rundir import run_directory
@@ -161,15 +163,52 @@ def split_frames(
 
     All frames of one group (and so one trajectory or material, across sources) share a split.
     """
-    a, b = fractions[0], fractions[0] + fractions[1]
     splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for index, frame in enumerate(frames):
-        name = fixed.get(frame.group)
-        if name is None:
-            u = _unit_interval(frame.group)
-            name = "train" if u < a else "val" if u < b else "test"
-        splits[name].append(index)
+        splits[_split_of(frame.group, fixed, fractions)].append(index)
     return splits
+
+
+def _split_of(group: str, fixed: dict[str, str], fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> str:
+    """The split ``split_frames`` gives a frame of material ``group``."""
+    name = fixed.get(group)
+    if name is None:
+        u = _unit_interval(group)
+        name = "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+    return name
+
+
+def modulus_examples(
+    data_dir: str | Path, fixed: dict[str, str], cutoff: float, max_val: int = 200
+) -> tuple[list[ModulusExample], list[ModulusExample]]:
+    """DFT bulk moduli (``mp-elastic``'s K_VRH, in eV/Å³) for training and validation.
+
+    Training takes a structure only where both mp-elastic's split (the shipped moduli models'
+    split) and this potential's split of its material say train, and never a MEGNet
+    leaderboard val/test id; validation: mp-elastic val, not test anywhere, at most ``max_val``
+    chosen by hash. K_VRH is the Voigt-Reuss-Hill average, ``elastic.bulk_modulus`` the
+    isotropic-strain (Voigt) one: equal for cubic crystals, a few per cent apart for most others."""
+    from .data.multitask import holdout_ids
+
+    dataset = load_dataset("mp-elastic", ["k_vrh"], data_dir=data_dir)
+    held = holdout_ids(data_dir)
+    leaderboard = held["mp-megnet val"] | held["mp-megnet test"]
+    chosen: dict[str, list[int]] = {"train": [], "val": []}
+    for name, rows in dataset.splits.items():
+        for i in rows:
+            rid = dataset.records[i].id
+            own = _split_of(rid, fixed)
+            if name == "train" and own == "train" and rid not in leaderboard:
+                chosen["train"].append(i)
+            elif name == "val" and own != "test" and rid not in held["mp-megnet test"]:
+                chosen["val"].append(i)
+    chosen["val"] = sorted(chosen["val"], key=lambda i: _unit_interval(dataset.records[i].id))[:max_val]
+    out = {}
+    for name, rows in chosen.items():
+        records = [dataset.records[i] for i in rows]
+        windows = windows_for([r.atoms for r in records], cutoff)
+        out[name] = [ModulusExample(r.id, w, r.targets["k_vrh"] * GPa) for r, w in zip(records, windows, strict=True)]
+    return out["train"], out["val"]
 
 
 # --------------------------------------------------------------------- reference energies
@@ -368,9 +407,13 @@ class PotentialTrainer(Trainer):
     so that a run on a CPU checkpoints every few minutes."""
 
     def __init__(self, *args: Any, val_sources: Sequence[str], train_sources: Sequence[str],
-                 steps_per_epoch: int, relaxed_share: float, **kwargs: Any) -> None:
+                 steps_per_epoch: int, relaxed_share: float,
+                 moduli: tuple[list[ModulusExample], list[ModulusExample]] = ([], []),
+                 modulus_weight: float = 0.0, modulus_batch: int = 8, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.val_sources = list(val_sources)
+        self.modulus_train, self.modulus_val = moduli
+        self.modulus_weight, self.modulus_batch = modulus_weight, modulus_batch
         relaxed = np.array([s == "mp-megnet" for s in train_sources])
         n_relaxed, n_other = relaxed.sum(), (~relaxed).sum()
         weights = np.ones(len(train_sources))
@@ -384,6 +427,17 @@ class PotentialTrainer(Trainer):
         n = min(self.steps_per_epoch * size, len(self.train_set))
         order = torch.multinomial(self.weights, n, replacement=False, generator=self.generator).tolist()
         return [order[k : k + size] for k in range(0, n - size + 1, size)] or [order]
+
+    def _loss(self, examples: list[Example], batch, y: torch.Tensor) -> torch.Tensor:
+        """The energy/force/stress loss plus, with a modulus weight, the mean relative bulk
+        modulus error (``elastic``) of ``modulus_batch`` structures drawn afresh each step."""
+        loss = super()._loss(examples, batch, y)
+        if self.modulus_weight > 0 and self.modulus_train:
+            n = len(self.modulus_train)
+            draw = torch.randint(n, (min(self.modulus_batch, n),), generator=self.generator).tolist()
+            _, error = relative_errors(self.model, [self.modulus_train[i] for i in draw])
+            loss = loss + self.modulus_weight * error.mean()
+        return loss
 
     def validate(self, model: Crystalformer | None = None) -> dict[str, float]:
         model = model or self.model
@@ -407,6 +461,17 @@ class PotentialTrainer(Trainer):
         result = _summaries(rows)
         result["val_loss"] = (result["val_mae_energy"] / std + c.force_weight * result["val_mae_forces"]
                               + c.stress_weight * result["val_mae_stress"])
+        if self.modulus_val:
+            predicted, relative = [], []
+            for k in range(0, len(self.modulus_val), c.eval_batch_size):
+                with torch.no_grad():
+                    b, r = relative_errors(model, self.modulus_val[k : k + c.eval_batch_size])
+                predicted.append(b.cpu().numpy())
+                relative.append(r.cpu().numpy())
+            target = np.array([e.bulk_modulus for e in self.modulus_val])
+            result["val_mae_bulk_modulus_gpa"] = float(np.abs(np.concatenate(predicted) - target).mean() / GPa)
+            result["val_rel_bulk_modulus"] = float(np.concatenate(relative).mean())
+            result["val_loss"] += self.modulus_weight * result["val_rel_bulk_modulus"]
         return result
 
 
@@ -447,6 +512,9 @@ def train_potential(
     relaxed_energies: bool = True,
     max_val_relaxed: int = 200,
     references: str = REFERENCE_SCALES[0],
+    modulus_weight: float = 0.0,
+    modulus_batch: int = 8,
+    init_from: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     device: str = "cpu",
@@ -463,13 +531,16 @@ def train_potential(
     fixed val split (chosen by hash). ``relaxed_energies``: see ``make_examples``;
     ``references``: one of ``REFERENCE_SCALES`` (module docstring). A resumed run must keep
     its sampling (steps per epoch, relaxed share, relaxed energies, validation size,
-    reference scale).
+    reference scale, modulus weight and batch). ``modulus_weight`` > 0 adds the relative bulk
+    modulus error of ``modulus_batch`` mp-elastic structures per step to the loss
+    (``modulus_examples``, ``elastic``). ``init_from``: start from this potential's weights (same
+    architecture and reference energies), e.g. to add the modulus loss to a trained run.
     """
     if references not in REFERENCE_SCALES:
         raise ValueError(f"references must be one of {REFERENCE_SCALES}, got {references!r}")
     sampling = {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share,
                 "relaxed_energies": relaxed_energies, "max_val_relaxed": max_val_relaxed,
-                "references": references}
+                "references": references, "modulus_weight": modulus_weight, "modulus_batch": modulus_batch}
     with run_directory(out_dir, resume=resume, overwrite=overwrite) as run:
         out = run.path
         if run.state is not None:  # before anything in the run directory is rewritten
@@ -488,6 +559,7 @@ def train_potential(
         refs = fit_references(train_frames, formation=formation)
         model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
         model = Crystalformer(model_config)
+        moduli = modulus_examples(data_dir, fixed, model_config.cutoff) if modulus_weight > 0 else ([], [])
         train_ex, train_src = make_examples(train_frames, refs, model_config.cutoff, relaxed_energies)
         val_ex, val_src = make_examples(val_frames, refs, model_config.cutoff, relaxed_energies)
         if not train_ex:
@@ -501,6 +573,7 @@ def train_potential(
             raise DataError("no training frame with an energy label")
         model.target_mean.fill_(float(y.mean()))
         model.target_std.fill_(float(y.std()) or 1.0)
+        initial = _load_initial(model, init_from, refs) if init_from is not None and run.state is None else None
         split_ids = {k: [all_frames[i].id for i in v] for k, v in splits.items()}
         write_json(split_ids, out / "splits.json")
         write_json(refs.to_dict(), out / "references.json")
@@ -523,6 +596,8 @@ def train_potential(
             "domain": training_domain(e.window.numbers for e in train_ex),
             "train_config": config.to_dict(),
             "sampling": sampling,
+            "moduli": {"train": len(moduli[0]), "val": len(moduli[1])},
+            "init_from": initial,
             "command": command,
             "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
         }
@@ -531,7 +606,8 @@ def train_potential(
         trainer = PotentialTrainer(
             model, train_ex, val_ex, config, out, device=resolve_device(device), metadata=metadata,
             progress=progress, on_epoch=on_epoch, val_sources=val_src, train_sources=train_src,
-            steps_per_epoch=steps_per_epoch, relaxed_share=relaxed_share,
+            steps_per_epoch=steps_per_epoch, relaxed_share=relaxed_share, moduli=moduli,
+            modulus_weight=modulus_weight, modulus_batch=modulus_batch,
         )
         if run.state is not None:
             trainer.resume(run.state)
@@ -541,6 +617,22 @@ def train_potential(
         return report
 
 
+def _load_initial(model: Crystalformer, path: str | Path, refs: References) -> dict[str, str]:
+    """Copy a trained potential's weights into ``model``; refuse another architecture or
+    other reference energies (the network's residual energies would mean something else)."""
+    base, _ = read_checkpoint(Path(path))
+    if base.config != model.config:
+        raise CheckpointError(f"{path}: its architecture differs from this run's ({base.config} against {model.config})")
+    def flat(data: dict[str, Any]) -> dict[tuple[str, str], float]:
+        return {(s, el): v for s, mu in {**data["sources"], "": data["pooled"]}.items() for el, v in mu.items()}
+
+    theirs, ours = flat(base.metadata.get("reference_energies") or {"sources": {}, "pooled": {}}), flat(refs.to_dict())
+    if theirs.keys() != ours.keys() or any(abs(theirs[k] - ours[k]) > 2e-6 for k in ours):
+        raise CheckpointError(f"{path}: its reference energies differ from the ones fitted for this run's data")
+    model.load_state_dict(base.state_dict())
+    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
 def _check_sampling(out: Path, sampling: dict[str, Any]) -> None:
     """Refuse to resume a run with other labels, draws or validation set than it was started
     with (runs from before these were recorded used the defaults of their time)."""
@@ -548,6 +640,7 @@ def _check_sampling(out: Path, sampling: dict[str, Any]) -> None:
     if not latest.is_file():
         return
     saved = {"relaxed_energies": True, "max_val_relaxed": 200, "references": "linear",
+             "modulus_weight": 0.0, "modulus_batch": 8,
              **read_checkpoint(latest)[0].metadata.get("sampling", {})}
     if saved != sampling:
         raise ValueError(f"{out}: the run was started with sampling {saved}; given {sampling}")
