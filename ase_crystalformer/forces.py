@@ -46,7 +46,16 @@ def energy_forces_stress(
             deform = eye + 0.5 * (strain + strain.transpose(1, 2))  # (B, 3, 3)
             positions = torch.bmm(leaf[:, None, :], deform[batch.crystal].transpose(1, 2))[:, 0]
             cells = torch.bmm(cells, deform.transpose(1, 2))
-        outputs = model(replace(batch, positions=positions, cells=cells))  # (B, T)
+        inputs = replace(batch, positions=positions, cells=cells)
+        if create_graph:  # training: the parameters' gradients come later, through this graph
+            outputs = model(inputs)  # (B, T)
+        else:
+            # Without the parameters in the graph, backward visits only what leads to the
+            # positions and the strain; otherwise a large cell's checkpointed chunks keep the
+            # recomputed tensors that only the weights' gradients would read until the end
+            # of backward (~1.1 GB for 4,913 atoms, docs/benchmarks.md).
+            frozen = {name: p.detach() for name, p in model.named_parameters()}
+            outputs = torch.func.functional_call(model, frozen, (inputs,))  # (B, T)
         per_atom = model.targets(outputs)[:, index]  # (B,) eV/atom
         energy = per_atom * batch.n_atoms.to(per_atom.dtype)  # (B,) eV
         out = {"outputs": outputs, "energy": energy}

@@ -193,3 +193,40 @@ def test_checkpointed_chunks_give_the_same_force_training_gradients(rng, monkeyp
     assert len(calls) == 2 * len(model.blocks)  # 4 atoms in two chunks, in every block
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors whose gradients ``tensor``'s autograd graph would accumulate."""
+    leaves, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def test_inference_forces_leave_the_parameters_out_of_the_graph(rng, monkeypatch):
+    """Without ``create_graph`` the model runs on detached parameters (so backward over a large
+    cell's checkpointed chunks visits only what leads to positions and strain): the results
+    equal those of the training path, the parameters are untouched, and none is in the graph."""
+    import ase_crystalformer.attention as attention_module
+
+    from ase_crystalformer.forces import energy_forces_stress
+
+    from ase_crystalformer import TargetSpec
+
+    model = _model(replace(SMALL, targets=(TargetSpec("energy", "eV/atom", kind="energy"),)))
+    batch = collate([build_window(random_crystal(rng, 4), model.config.cutoff)], torch.float64)
+    monkeypatch.setattr(attention_module, "MAX_SLOTS", 2 * batch.neighbor.shape[1])  # checkpointed chunks
+    training = energy_forces_stress(model, batch, create_graph=True)
+    inference = energy_forces_stress(model, batch)
+    for key in ("energy", "forces", "stress", "outputs"):
+        torch.testing.assert_close(inference[key], training[key].detach(), rtol=1e-12, atol=1e-14)
+    parameters = {id(p) for p in model.parameters()}
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert parameters & {id(t) for t in _graph_leaves(training["outputs"])}  # the check can see them
+    assert not parameters & {id(t) for t in _graph_leaves(inference["outputs"])}
