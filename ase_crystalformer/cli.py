@@ -346,7 +346,7 @@ def _final_report(out_dir: Path, dataset, batch_size: int, device: str, kinds=("
     return report
 
 
-def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, model_config=None) -> None:
+def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, head_from=None, model_config=None) -> None:
     """Shared body of ``train`` and ``finetune``; ``opts`` are the click options by name.
 
     The run directory is locked (and checked for another run) before the data is read, so
@@ -386,7 +386,7 @@ def _run_training(opts: dict, *, init_from=None, freeze_encoder: bool = False, m
                            f"lr {summary['lr']:.2e} {val} {summary['structures_per_s']:.0f} structures/s "
                            f"({summary['wall_time_s']:.0f} s)")
 
-            common = dict(model_config=model_config, init_from=init_from, freeze_encoder=freeze_encoder,
+            common = dict(model_config=model_config, init_from=init_from, freeze_encoder=freeze_encoder, head_from=head_from,
                           resume=opts["resume"], overwrite=opts["overwrite"], device=device,
                           command=" ".join(["crystalformer", *sys.argv[1:]]), progress=opts["progress"],
                           on_epoch=echo, num_workers=opts["workers"])
@@ -520,11 +520,21 @@ def train(cutoff: float, blocks: int, activation: str, domain: str, route_temper
 @main.command()
 @click.option("--from", "init_from", required=True, help="Trained model name or checkpoint path.")
 @click.option("--freeze-encoder", is_flag=True, help="Train only the head MLP.")
+@click.option("--head-from", "head_from", multiple=True, metavar="TARGET=BASE_TARGET",
+              help="Start TARGET's output from the base model's BASE_TARGET output (and the head's hidden layer), "
+                   "e.g. band_gap=band_gap@megnet from the multi-task backbone; its predictions start unchanged "
+                   "in target units. Repeatable. Without it the head is kept only when the targets match.")
 @data_options(multiple=True)
 @training_options
-def finetune(init_from: str, freeze_encoder: bool, **opts) -> None:
-    """Fine-tune a trained model (a new head when the targets differ)."""
-    _run_training(opts, init_from=init_from, freeze_encoder=freeze_encoder)
+def finetune(init_from: str, freeze_encoder: bool, head_from: tuple[str, ...], **opts) -> None:
+    """Fine-tune a trained model (a new head when the targets differ, unless --head-from)."""
+    pairs = {}
+    for item in head_from:
+        target, sep, base = item.partition("=")
+        if not (sep and target and base):
+            raise click.BadParameter(f"{item!r}: use TARGET=BASE_TARGET", param_hint="--head-from")
+        pairs[target] = base
+    _run_training(opts, init_from=init_from, freeze_encoder=freeze_encoder, head_from=pairs or None)
 
 
 @main.command()

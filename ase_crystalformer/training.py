@@ -23,7 +23,7 @@ import os
 import pickle
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -452,6 +452,7 @@ def train(
     model_config: ModelConfig | None = None,
     init_from: str | Path | Crystalformer | None = None,
     freeze_encoder: bool = False,
+    head_from: Mapping[str, str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     device: str = "cpu",
@@ -461,6 +462,9 @@ def train(
     num_workers: int = 0,
 ) -> dict[str, Any]:
     """Train (or fine-tune, with ``init_from``) on ``dataset``'s train split; return the report.
+
+    ``head_from`` {target: base model's target}: start those outputs from the base model's
+    (``_initial_model``), in target units unchanged by this run's normalisation.
 
     ``targets`` name dataset columns; an ``energy``-kind target learns total energy per atom
     (and forces/stress when their loss weights are > 0). ``out_dir`` is locked for the run;
@@ -474,7 +478,7 @@ def train(
         torch.manual_seed(config.seed)
         if not dataset.splits.get("train"):
             raise DataError(f"dataset {dataset.name!r} has no training split")
-        model = _initial_model(targets, model_config, init_from, freeze_encoder)
+        model, carried = _initial_model(targets, model_config, init_from, freeze_encoder, head_from)
         train_ex, refused = make_examples(dataset, dataset.splits["train"], model.config)
         val_ex, refused_val = make_examples(dataset, dataset.splits.get("val", []), model.config)
         skipped = [*dataset.skipped, *refused, *refused_val]
@@ -490,6 +494,7 @@ def train(
         mean, std = np.nanmean(y, axis=0), np.nanstd(y, axis=0)  # population std, per target
         model.target_mean.copy_(torch.as_tensor(mean))
         model.target_std.copy_(torch.as_tensor(np.where(std > 0, std, 1.0)))
+        _renormalise_carried(model, carried)
         metadata = {
             "data": {"name": dataset.name, **dataset.provenance},
             "split_sizes": {k: len(v) for k, v in dataset.splits.items()},
@@ -502,6 +507,7 @@ def train(
             "command": command,
             "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
             "init_from": str(init_from) if init_from is not None and not isinstance(init_from, nn.Module) else None,
+            "head_from": dict(head_from) if head_from else None,
         }
         trainer = Trainer(model, train_ex, val_ex, config, out, device=resolve_device(device),
                           metadata=metadata, progress=progress, on_epoch=on_epoch,
@@ -521,29 +527,78 @@ def _initial_model(
     model_config: ModelConfig | None,
     init_from: str | Path | Crystalformer | None,
     freeze_encoder: bool,
-) -> Crystalformer:
-    """A fresh model, or one whose encoder (and head, if the targets match) is pretrained."""
+    head_from: Mapping[str, str] | None = None,
+) -> tuple[Crystalformer, dict[int, tuple[float, float]]]:
+    """A fresh model, or one whose encoder is pretrained, and with it the base model's
+    normalisation (mean, std) of every head output carried over, by output index.
+
+    The head is carried over whole when the targets match; ``head_from`` {new target: base
+    target} carries single outputs (e.g. one task of a multi-task backbone) with the
+    head's hidden layer, the other outputs starting fresh.
+    """
     config = replace(model_config or ModelConfig(), targets=tuple(targets))
     if init_from is None:
-        if freeze_encoder:
-            raise ValueError("freeze_encoder needs a pretrained model (init_from)")
-        return Crystalformer(config)
+        if freeze_encoder or head_from:
+            raise ValueError("freeze_encoder and head_from need a pretrained model (init_from)")
+        return Crystalformer(config), {}
     base = init_from if isinstance(init_from, Crystalformer) else read_checkpoint(_path(init_from))[0]
     config = replace(base.config, targets=tuple(targets))
     model = Crystalformer(config)
     state = base.state_dict()
-    same_head = base.config.targets == config.targets
-    keep = {k: v for k, v in state.items() if same_head or not k.startswith(("head.", "target_"))}
+    if base.config.targets == config.targets and not head_from:
+        head_from = {t.name: t.name for t in config.targets}
+    carried = _carried_outputs(base.config.targets, config.targets, head_from or {})
+    keep = {k: v for k, v in state.items() if not k.startswith(("head.", "target_"))}
+    if carried:  # the hidden layer, then the carried outputs' rows of the last layer
+        keep.update({k: v for k, v in state.items() if k.startswith("head.0.")})
     if base.metadata.get("domain"):  # the encoder has also learned the base model's data
         model.metadata["domain"] = base.metadata["domain"]
     missing, unexpected = model.load_state_dict(keep, strict=False)
     if unexpected or any(not k.startswith(("head.", "target_")) for k in missing):
         raise ValueError(f"cannot fine-tune from {init_from}: encoder weights do not match")
+    last = model.head[-1]
+    with torch.no_grad():
+        for new, old in carried.items():
+            last.weight[new] = base.head[-1].weight[old]
+            last.bias[new] = base.head[-1].bias[old]
     if freeze_encoder:
         for name, p in model.named_parameters():
             if not name.startswith("head."):
                 p.requires_grad_(False)
-    return model
+    return model, {new: (float(base.target_mean[old]), float(base.target_std[old])) for new, old in carried.items()}
+
+
+def _carried_outputs(
+    base: Sequence[TargetSpec], new: Sequence[TargetSpec], head_from: Mapping[str, str]
+) -> dict[int, int]:
+    """{new output index: base output index} for ``head_from``; refuses names that do not
+    exist and quantities learned in another transform or unit."""
+    base_index = {t.name: k for k, t in enumerate(base)}
+    new_index = {t.name: k for k, t in enumerate(new)}
+    out = {}
+    for target, source in head_from.items():
+        if target not in new_index:
+            raise ValueError(f"head_from: {target!r} is not a target of this run (targets: {list(new_index)})")
+        if source not in base_index:
+            raise ValueError(f"head_from: the base model has no output {source!r} (its targets: {list(base_index)})")
+        a, b = new[new_index[target]], base[base_index[source]]
+        if a.transform != b.transform or (a.unit and b.unit and a.unit != b.unit):
+            raise ValueError(f"head_from: {target!r} ({a.transform}, {a.unit or 'no unit'}) cannot start from "
+                             f"{source!r} ({b.transform}, {b.unit or 'no unit'})")
+        out[new_index[target]] = base_index[source]
+    return out
+
+
+def _renormalise_carried(model: Crystalformer, carried: Mapping[int, tuple[float, float]]) -> None:
+    """Rescale carried head outputs from the base model's normalisation (m, s) to this
+    run's (m', s'), so that each predicts in target units what it predicted before:
+    w' = w·s/s', b' = (s·b + m − m')/s'."""
+    last = model.head[-1]
+    with torch.no_grad():
+        for k, (m, s) in carried.items():
+            m_new, s_new = float(model.target_mean[k]), float(model.target_std[k])
+            last.weight[k] *= s / s_new
+            last.bias[k] = (s * last.bias[k] + m - m_new) / s_new
 
 
 def _path(name_or_path: str | Path) -> Path:

@@ -361,3 +361,34 @@ def test_per_atom_energy_target_is_read_as_is_and_gives_forces(dataset, tmp_path
     atoms.calc = CrystalformerCalculator(model, device="cpu")
     assert atoms.get_potential_energy() == pytest.approx(len(atoms) * model.predict(atoms)[0], rel=1e-5)
     assert atoms.get_forces().shape == (len(atoms), 3)
+
+
+def test_head_from_carries_one_output_unchanged_in_target_units(rng):
+    """``head_from`` starts a target from one output of a multi-task base model: after this
+    run's own normalisation its predictions equal the base output's; bad pairs are refused."""
+    from structures_for_tests import random_crystal
+
+    from ase_crystalformer import Crystalformer
+    from ase_crystalformer.geometry import build_window, collate
+    from ase_crystalformer.training import _initial_model, _renormalise_carried
+
+    small = ModelConfig(n_blocks=1, d_model=16, n_heads=2, d_ff=32, d_head_mlp=16)
+    base = Crystalformer(replace(small, targets=(TargetSpec("a", "eV"), TargetSpec("b@x", "eV"),
+                                                 TargetSpec("c", "GPa", transform="log10")))).eval()
+    base.target_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    base.target_std.copy_(torch.tensor([0.3, 4.0, 0.2]))
+    batch = collate([build_window(random_crystal(rng, n), small.cutoff) for n in (2, 3)])
+    model, carried = _initial_model([TargetSpec("new"), TargetSpec("b", "eV")], None, base, False, {"b": "b@x"})
+    model.eval().target_mean.copy_(torch.tensor([0.0, 7.0]))  # this run's own normalisation
+    model.target_std.copy_(torch.tensor([1.0, 0.25]))
+    with torch.no_grad():
+        before = model.targets(model(batch))[:, 1]
+        _renormalise_carried(model, carried)
+        torch.testing.assert_close(model.targets(model(batch))[:, 1], base.targets(base(batch))[:, 1])
+    assert not torch.allclose(before, base.targets(base(batch))[:, 1])  # the rescaling is what made them equal
+    with pytest.raises(ValueError, match="the base model has no output 'nope'"):
+        _initial_model([TargetSpec("b", "eV")], None, base, False, {"b": "nope"})
+    with pytest.raises(ValueError, match="'k' .* cannot start from 'c'"):
+        _initial_model([TargetSpec("k", "GPa")], None, base, False, {"k": "c"})
+    with pytest.raises(ValueError, match="'z' is not a target of this run"):
+        _initial_model([TargetSpec("b", "eV")], None, base, False, {"z": "a"})
