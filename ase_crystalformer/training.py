@@ -549,8 +549,9 @@ def _initial_model(
         head_from = {t.name: t.name for t in config.targets}
     carried = _carried_outputs(base.config.targets, config.targets, head_from or {})
     keep = {k: v for k, v in state.items() if not k.startswith(("head.", "target_"))}
-    if carried:  # the hidden layer, then the carried outputs' rows of the last layer
-        keep.update({k: v for k, v in state.items() if k.startswith("head.0.")})
+    if carried:  # the hidden layers whole, then the carried outputs' rows of the last layer
+        last_layer = f"head.{len(model.head) - 1}."
+        keep.update({k: v for k, v in state.items() if k.startswith("head.") and not k.startswith(last_layer)})
     if base.metadata.get("domain"):  # the encoder has also learned the base model's data
         model.metadata["domain"] = base.metadata["domain"]
     missing, unexpected = model.load_state_dict(keep, strict=False)
