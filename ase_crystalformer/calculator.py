@@ -547,10 +547,10 @@ def _atom_features(model: Crystalformer) -> Iterator[list[torch.Tensor]]:
 
 
 def _default_models() -> list[str]:
-    """What ``CrystalformerCalculator()`` loads: every findable model,
+    """What ``CrystalformerCalculator()`` loads: every findable property model (no backbone),
     with ``DEFAULT_POTENTIAL`` last (so the first model, whose embedding is reported, is a
     property model as before)."""
-    names = inference.list_models()
+    names = inference.property_models()
     rest = [n for n in names if n != DEFAULT_POTENTIAL]
     return rest + [DEFAULT_POTENTIAL] if DEFAULT_POTENTIAL in names else rest
 

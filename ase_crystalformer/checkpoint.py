@@ -248,22 +248,41 @@ def list_models() -> list[str]:
     return names
 
 
+#: Metadata ``role`` of a shipped model that is a starting point (fine-tuning, embeddings),
+#: not a property model: loaded by name, but not by ``CrystalformerCalculator()`` or
+#: ``crystalformer predict`` without a model, whose property names its heads would shadow.
+BACKBONE_ROLE = "backbone"
+
+
+def _header(name: str) -> tuple[ModelConfig, dict[str, Any]] | None:
+    """Config and metadata of a findable model, read from its header alone (a committee's
+    config from its first member, its metadata from ``committee.json``); None when
+    unreadable (``load_model`` reports why)."""
+    try:
+        path = model_path(name)
+        committee = json.loads(path.read_text()) if path.name == COMMITTEE_FILE else None
+        if committee is not None:  # its members share one config: read the first's
+            path = path.parent / committee["members"][0]
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        config = ModelConfig.from_dict(json.loads(header.get("config", "")))
+        metadata = committee.get("metadata", {}) if committee else json.loads(header.get("metadata", "{}"))
+    except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError, RecursionError, CheckpointError):
+        return None
+    return config, metadata if isinstance(metadata, dict) else {}
+
+
 def energy_models() -> list[str]:
     """Names of the findable models with an energy-type target (read from headers only):
     the ones that give energy, forces and stress."""
-    found = []
-    for name in list_models():
-        try:
-            path = model_path(name)
-            if path.name == COMMITTEE_FILE:  # its members share one config: read the first's
-                path = path.parent / json.loads(path.read_text())["members"][0]
-            with safe_open(str(path), framework="pt") as handle:
-                config = ModelConfig.from_dict(json.loads((handle.metadata() or {}).get("config", "")))
-        except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):  # reported when loaded
-            continue
-        if any(t.kind == "energy" for t in config.targets):
-            found.append(name)
-    return found
+    headers = {name: _header(name) for name in list_models()}
+    return [n for n, h in headers.items() if h and any(t.kind == "energy" for t in h[0].targets)]
+
+
+def is_backbone(name: str) -> bool:
+    """Whether the findable model ``name`` has the metadata ``role`` ``BACKBONE_ROLE``."""
+    header = _header(name)
+    return header is not None and header[1].get("role") == BACKBONE_ROLE
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -599,15 +599,18 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
 
 @main.command()
 def models() -> None:
-    """List the shipped models: property (as predict names it), unit, training target, test MAE."""
-    from .checkpoint import list_models, load_model
+    """List the shipped models: property (as predict names it), unit, training target, test MAE.
+
+    A backbone (marked) is loaded only when named: predict, the calculator and phonons
+    without --model use the others; the featurizer's embedding defaults to it."""
+    from .checkpoint import is_backbone, list_models, load_model
     from .inference import property_name
 
     names = list_models()
     if not names:
         click.echo("no shipped models found")
         return
-    click.echo(f"{'model':<20} {'property':<26} {'unit':<10} {'trained on':<12} test MAE")
+    rows = [("model", "property", "unit", "trained on", "test MAE")]
     for name in names:
         model = load_model(name)
         test = model.metadata.get("test_mae", {})
@@ -615,8 +618,13 @@ def models() -> None:
             prop, unit = property_name(spec)
             mae = test.get(spec.name)
             mae_unit = f"log10({spec.unit})" if spec.transform == "log10" else spec.unit
-            shown = f"{mae} {mae_unit}" if mae is not None else "n/a"
-            click.echo(f"{name:<20} {prop:<26} {unit:<10} {spec.name:<12} {shown}")
+            rows.append((name, prop, unit, spec.name, f"{mae} {mae_unit}" if mae is not None else "n/a"))
+    widths = [max(len(row[k]) for row in rows) for k in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    for name in filter(is_backbone, names):
+        click.echo(f"\n{name}: a backbone, used only when named (fine-tuning, the featurizer's default "
+                   "embedding); predict and the calculator without a model leave it out")
 
 
 # ---------------------------------------------------------------- featurize and phonons
@@ -675,7 +683,7 @@ def _featurize_part(featurizer, job: tuple) -> tuple:
 @click.argument("infile", metavar="IN", type=click.Path(exists=True, path_type=Path))
 @click.option("--column", default="structure", show_default=True, help="Column holding CIF/POSCAR text or pymatgen Structure dicts (JSON).")
 @click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output table (.csv, .json or .parquet).")
-@click.option("--model", "model_name", help="Model name or checkpoint path; default: the first shipped model.")
+@click.option("--model", "model_name", help="Model name or checkpoint path; default: the shipped backbone (multitask-backbone).")
 @click.option("--mode", type=click.Choice(["embedding", "predictions", "both"]), default="embedding", show_default=True)
 @click.option("--pooling", default="mean,max,min,std", show_default=True, help="Statistics of the atom features in the embedding, comma-separated from mean, max, min, std (all four: 4 x d columns; mean: d, the head's input).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))

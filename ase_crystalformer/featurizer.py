@@ -120,7 +120,8 @@ class CrystalformerFeaturizer(BaseFeaturizer):
 
     Input: a pymatgen ``Structure`` or an ``ase.Atoms`` (ordered, at least one periodic
     axis). ``model`` is a shipped model name, a checkpoint path or a ``Crystalformer``
-    (``None``: the first shipped model); it is loaded on first use.
+    (``None``: the shipped backbone, ``multitask-backbone``, trained on every labelled set we
+    have; ``inference.embedding_model``); it is loaded on first use.
 
     Features:
         crystalformer emb <k>: component k of the mean over atoms of the atom features
@@ -187,8 +188,8 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         if self._loaded is None or self._loaded[0] is not self.model or self._loaded[1] != self.device:
             device = resolve_device(self.device)
             dtype = self.model.dtype if isinstance(self.model, (Crystalformer, Committee)) else torch.float32
-            # None: the first shipped model only (load_models(None) would load them all).
-            spec = self.model if self.model is not None else (inference.list_models()[:1] or None)
+            # None: the shipped backbone only (load_models(None) would load every property model).
+            spec = self.model if self.model is not None else inference.embedding_model()
             label, model = load_models(spec, device, dtype)[0]
             logger.info("CrystalformerFeaturizer: model %s on %s", label, device)
             self._loaded = (self.model, self.device, model)

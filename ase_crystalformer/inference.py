@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import COMMITTEE_FILE, list_models, load_model
+from .checkpoint import COMMITTEE_FILE, is_backbone, list_models, load_model
 from .committee import Committee
 from .config import TargetSpec
 from .errors import CheckpointError
@@ -89,6 +89,19 @@ class TargetProperty:
     target: TargetSpec  # the training target it reports
 
 
+def property_models() -> list[str]:
+    """The shipped models that serve properties when no model is named: every findable
+    model but the backbones (``checkpoint.BACKBONE_ROLE``)."""
+    return [name for name in list_models() if not is_backbone(name)]
+
+
+def embedding_model() -> str | None:
+    """The model whose embedding the featurizer gives when none is named: the first
+    shipped backbone (trained on every labelled set), else the first shipped model."""
+    names = list_models()
+    return next((n for n in names if is_backbone(n)), names[0] if names else None)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; anything else goes to ``torch.device``."""
     if isinstance(device, str) and device == "auto":
@@ -129,12 +142,12 @@ def load_models(
 ) -> list[tuple[str, Model]]:
     """Resolve ``spec`` into labelled models (networks or committees) on ``device``/``dtype``.
 
-    ``None`` means every shipped model. A ``Crystalformer`` passed in is used as is when it
+    ``None`` means every shipped property model (``property_models``). A ``Crystalformer`` passed in is used as is when it
     already sits on ``device``/``dtype``; otherwise a copy is moved, so the caller's model
     is never changed behind its back.
     """
     if spec is None:
-        names: list[ModelSpec] = list(list_models())
+        names: list[ModelSpec] = list(property_models())
         if not names:
             raise CheckpointError(
                 "no model given and no shipped model found; pass model=<name, checkpoint path "

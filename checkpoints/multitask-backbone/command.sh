@@ -1,6 +1,7 @@
 #!/bin/bash
-# The backbone run (in_training/multitask-backbone/README.md). Run from the project root;
-# to continue the committed epoch: mkdir -p runs && cp -r in_training/multitask-backbone/run runs/backbone, then add --resume.
+# The run that trained checkpoints/multitask-backbone (README.md there). Run from the project root.
+# Its resumable state (state.pt) was not kept: this command trains a new backbone from scratch
+# (about 16 h on one CPU thread); --resume continues such a new run after a stop.
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 CRYSTALFORMER_DATA_DIR=${CRYSTALFORMER_DATA_DIR:-../shared/data}
 exec crystalformer train \
