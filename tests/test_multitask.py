@@ -108,6 +108,10 @@ def test_holdout_ids_are_the_megnet_val_test_and_the_shipped_test_splits():
     for name in ("mp-elastic", "perov5", "mp-li", "mp40"):
         ds = load_dataset(name, data_dir=DATA)
         assert held[f"{name} test"] == {r.id for r in ds.subset("test")}, name
+    for name in ("mp-li", "mp40"):  # no split of their own in a backbone: their val is held out too
+        ds = load_dataset(name, data_dir=DATA)
+        assert held[f"{name} val"] == {r.id for r in ds.subset("val")}, name
+    assert "mp-elastic val" not in held and "perov5 val" not in held  # their own split keeps val as val
 
 
 def _trainer(weights=()):
