@@ -81,11 +81,13 @@ class CrystalformerCalculator(Calculator):
     * ``<property>_std`` for each target of a committee (``committee.Committee``, e.g. a
       shipped committee directory): its members' sample std (ddof=1) in the target's
       training space (log10 units for a log10 target); the property itself is their mean;
-    * ``embedding``: the mean-pooled crystal vector (d,) of the first model;
+    * ``embedding``: the mean-pooled crystal vector (d,) of the first model (with no model
+      named, the first property model's, not the backbone's that the featurizer defaults to);
     * ``energy``, ``free_energy`` (eV), ``forces`` (eV/Å) and ``stress`` (eV/Å³, Voigt
       xx yy zz yz xz xy) from a potential (a model trained on DFT energies, forces and
-      stresses; ``potential.py``). ``CrystalformerCalculator()`` loads every shipped model:
-      the property models, and the potential ``potential.DEFAULT_POTENTIAL`` for these four.
+      stresses; ``potential.py``). ``CrystalformerCalculator()`` loads every shipped property
+      model (not the backbone, ``inference.property_models``), and the potential
+      ``potential.DEFAULT_POTENTIAL`` for these four.
       A model with an energy-type target that is not a potential (``mp-e_form``: formation
       energy per atom × N) gives them only when named explicitly, with a
       ``NotAPotentialWarning``. A potential's energy is its network's energy plus the

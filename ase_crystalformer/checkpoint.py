@@ -254,12 +254,12 @@ def list_models() -> list[str]:
 BACKBONE_ROLE = "backbone"
 
 
-def _header(name: str) -> tuple[ModelConfig, dict[str, Any]] | None:
+def _header(name: str) -> tuple[ModelConfig, dict[str, Any]]:
     """Config and metadata of a findable model, read from its header alone (a committee's
-    config from its first member, its metadata from ``committee.json``); None when
-    unreadable (``load_model`` reports why)."""
+    config from its first member, its metadata from ``committee.json``); a
+    ``CheckpointError`` naming the file when they cannot be read."""
+    path = model_path(name)
     try:
-        path = model_path(name)
         committee = json.loads(path.read_text()) if path.name == COMMITTEE_FILE else None
         if committee is not None:  # its members share one config: read the first's
             path = path.parent / committee["members"][0]
@@ -267,22 +267,38 @@ def _header(name: str) -> tuple[ModelConfig, dict[str, Any]] | None:
             header = handle.metadata() or {}
         config = ModelConfig.from_dict(json.loads(header.get("config", "")))
         metadata = committee.get("metadata", {}) if committee else json.loads(header.get("metadata", "{}"))
-    except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError, RecursionError, CheckpointError):
-        return None
+    except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: its header cannot be read ({type(err).__name__}: {err})") from err
     return config, metadata if isinstance(metadata, dict) else {}
 
 
 def energy_models() -> list[str]:
     """Names of the findable models with an energy-type target (read from headers only):
-    the ones that give energy, forces and stress."""
-    headers = {name: _header(name) for name in list_models()}
-    return [n for n, h in headers.items() if h and any(t.kind == "energy" for t in h[0].targets)]
+    the ones that give energy, forces and stress. An unreadable one is skipped here and
+    reported when loaded."""
+    found = []
+    for name in list_models():
+        try:
+            if any(t.kind == "energy" for t in _header(name)[0].targets):
+                found.append(name)
+        except CheckpointError:
+            continue
+    return found
+
+
+def model_role(name: str) -> str:
+    """The metadata ``role`` of a findable model ("" for a property model); a
+    ``CheckpointError`` when its header cannot be read."""
+    return str(_header(name)[1].get("role", ""))
 
 
 def is_backbone(name: str) -> bool:
-    """Whether the findable model ``name`` has the metadata ``role`` ``BACKBONE_ROLE``."""
-    header = _header(name)
-    return header is not None and header[1].get("role") == BACKBONE_ROLE
+    """Whether ``name`` is a backbone (``BACKBONE_ROLE``); False when its header cannot be
+    read, so that loading it reports why."""
+    try:
+        return model_role(name) == BACKBONE_ROLE
+    except CheckpointError:
+        return False
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -71,7 +71,7 @@ def _progress(total: int, wanted: bool | None):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); default: every shipped model.")
+@click.option("--model", "model_names", multiple=True, help="Model name or checkpoint path (repeatable); default: every shipped property model (not the backbone).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), help="Output format  [default: table; with --out, csv or json from the file's suffix].")
 @click.option("--out", "outfile", type=click.Path(dir_okay=False, path_type=Path), help="Write the output to this file instead of stdout.")
 @click.option("--column", default="structure", show_default=True, help="Column of a table input holding CIF/POSCAR text or pymatgen Structure dicts.")
@@ -601,8 +601,8 @@ def evaluate(model_name, source, data_dir, structure_column, id_column, split_fi
 def models() -> None:
     """List the shipped models: property (as predict names it), unit, training target, test MAE.
 
-    A backbone (marked) is loaded only when named: predict, the calculator and phonons
-    without --model use the others; the featurizer's embedding defaults to it."""
+    A backbone (noted below the table) is loaded only when named: predict and the
+    calculator without a model use the others; the featurizer's embedding defaults to it."""
     from .checkpoint import is_backbone, list_models, load_model
     from .inference import property_name
 
@@ -683,7 +683,7 @@ def _featurize_part(featurizer, job: tuple) -> tuple:
 @click.argument("infile", metavar="IN", type=click.Path(exists=True, path_type=Path))
 @click.option("--column", default="structure", show_default=True, help="Column holding CIF/POSCAR text or pymatgen Structure dicts (JSON).")
 @click.option("--out", "outfile", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output table (.csv, .json or .parquet).")
-@click.option("--model", "model_name", help="Model name or checkpoint path; default: the shipped backbone (multitask-backbone).")
+@click.option("--model", "model_name", help="Model name or checkpoint path; default (for --mode embedding only): the shipped backbone, multitask-backbone.")
 @click.option("--mode", type=click.Choice(["embedding", "predictions", "both"]), default="embedding", show_default=True)
 @click.option("--pooling", default="mean,max,min,std", show_default=True, help="Statistics of the atom features in the embedding, comma-separated from mean, max, min, std (all four: 4 x d columns; mean: d, the head's input).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
@@ -706,6 +706,9 @@ def featurize(infile: Path, column: str, outfile: Path, model_name: str | None, 
     from .featurizer import CrystalformerFeaturizer
     from .workers import ordered_map
 
+    if model_name is None and mode != "embedding":
+        raise click.BadParameter(f"--mode {mode} needs --model (the default model, the backbone, is for embeddings)",
+                                 param_hint="--model")
     table, entries, from_table = _featurize_read(infile, column, ignore_errors)
     try:
         featurizer = CrystalformerFeaturizer(model_name, mode=mode, device=device, batch_size=batch_size,

@@ -121,7 +121,8 @@ class CrystalformerFeaturizer(BaseFeaturizer):
     Input: a pymatgen ``Structure`` or an ``ase.Atoms`` (ordered, at least one periodic
     axis). ``model`` is a shipped model name, a checkpoint path or a ``Crystalformer``
     (``None``: the shipped backbone, ``multitask-backbone``, trained on every labelled set we
-    have; ``inference.embedding_model``); it is loaded on first use.
+    have, ``inference.embedding_model``; for mode "embedding" only, since its heads are less
+    accurate than the property models fine-tuned from it); it is loaded on first use.
 
     Features:
         crystalformer emb <k>: component k of the mean over atoms of the atom features
@@ -185,10 +186,14 @@ class CrystalformerFeaturizer(BaseFeaturizer):
         """The model for the current ``model``/``device`` settings (reloaded if they change)."""
         if _forked and torch.get_num_threads() > 1:
             torch.set_num_threads(1)  # the OpenMP pool did not survive the fork (module docstring)
+        if self.model is None and self.mode != "embedding":  # the default is for embeddings only
+            raise ValueError(
+                f"mode={self.mode!r} needs a model: the default one (the backbone, whose heads are "
+                f"a by-product) is for embeddings; name a property model, e.g. one of {inference.property_models()}"
+            )
         if self._loaded is None or self._loaded[0] is not self.model or self._loaded[1] != self.device:
             device = resolve_device(self.device)
             dtype = self.model.dtype if isinstance(self.model, (Crystalformer, Committee)) else torch.float32
-            # None: the shipped backbone only (load_models(None) would load every property model).
             spec = self.model if self.model is not None else inference.embedding_model()
             label, model = load_models(spec, device, dtype)[0]
             logger.info("CrystalformerFeaturizer: model %s on %s", label, device)

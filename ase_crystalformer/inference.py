@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import COMMITTEE_FILE, is_backbone, list_models, load_model
+from .checkpoint import BACKBONE_ROLE, COMMITTEE_FILE, is_backbone, list_models, load_model, model_role
 from .committee import Committee
 from .config import TargetSpec
 from .errors import CheckpointError
@@ -97,9 +97,12 @@ def property_models() -> list[str]:
 
 def embedding_model() -> str | None:
     """The model whose embedding the featurizer gives when none is named: the first
-    shipped backbone (trained on every labelled set), else the first shipped model."""
+    shipped backbone (trained on every labelled set), else the first shipped model; None
+    when there is none. A shipped model whose header cannot be read raises its
+    ``CheckpointError`` here: it may be the backbone, and features from another model
+    under the same column names would go unnoticed."""
     names = list_models()
-    return next((n for n in names if is_backbone(n)), names[0] if names else None)
+    return next((n for n in names if model_role(n) == BACKBONE_ROLE), names[0] if names else None)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -142,15 +145,17 @@ def load_models(
 ) -> list[tuple[str, Model]]:
     """Resolve ``spec`` into labelled models (networks or committees) on ``device``/``dtype``.
 
-    ``None`` means every shipped property model (``property_models``). A ``Crystalformer`` passed in is used as is when it
-    already sits on ``device``/``dtype``; otherwise a copy is moved, so the caller's model
-    is never changed behind its back.
+    ``None`` means every shipped property model (``property_models``: no backbone). A
+    ``Crystalformer`` passed in is used as is when it already sits on ``device``/``dtype``;
+    otherwise a copy is moved, so the caller's model is never changed behind its back.
     """
     if spec is None:
         names: list[ModelSpec] = list(property_models())
         if not names:
+            backbones = [n for n in list_models() if is_backbone(n)]
+            found = f"only the backbone(s) {backbones}, which serve when named" if backbones else "no shipped model"
             raise CheckpointError(
-                "no model given and no shipped model found; pass model=<name, checkpoint path "
+                f"no model given and {found}; pass model=<name, checkpoint path "
                 "or Crystalformer>, or point CRYSTALFORMER_MODELS at a folder of checkpoints"
             )
     elif isinstance(spec, (str, Path, Crystalformer, Committee)):

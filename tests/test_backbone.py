@@ -13,6 +13,7 @@ from ase_crystalformer import Crystalformer, ModelConfig, TargetSpec, inference
 from ase_crystalformer.calculator import CrystalformerCalculator
 from ase_crystalformer.checkpoint import BACKBONE_ROLE, MODELS_ENV, is_backbone, list_models, save_checkpoint
 from ase_crystalformer.cli import main
+from ase_crystalformer.errors import CheckpointError
 
 
 def tiny(seed: int, *targets: TargetSpec) -> Crystalformer:
@@ -66,6 +67,38 @@ def test_featurizer_default_is_the_backbone_embedding(shipped) -> None:
     other = shipped["gap-model"]
     with torch.no_grad():
         assert not np.allclose(other.embed(other.make_batch([si])).numpy()[0], expected, atol=1e-3)
+
+
+def test_default_featurizer_is_for_embeddings_only(shipped, tmp_path) -> None:
+    pytest.importorskip("matminer")
+    from ase_crystalformer.featurizer import CrystalformerFeaturizer
+
+    with pytest.raises(ValueError, match=r"mode='predictions' needs a model.*\['gap-model'\]"):
+        CrystalformerFeaturizer(mode="predictions", device="cpu").featurize(bulk("Si", "diamond", 5.43))
+    featurizer = CrystalformerFeaturizer(device="cpu", pooling="mean")
+    featurizer.feature_labels()  # loads the backbone
+    featurizer.set_params(mode="both")  # a loaded default does not slip through a mode change
+    with pytest.raises(ValueError, match="mode='both' needs a model"):
+        featurizer.feature_labels()
+    (tmp_path / "si.cif").write_text("")  # never read: the option is refused first
+    result = CliRunner().invoke(main, ["featurize", str(tmp_path / "si.cif"), "--out", str(tmp_path / "f.csv"),
+                                       "--mode", "predictions"])
+    assert result.exit_code != 0 and "--mode predictions needs --model" in result.output
+
+
+def test_an_unreadable_model_is_never_silently_replaced(shipped, tmp_path) -> None:
+    """A corrupt backbone must not make the featurizer fall back to another model's
+    embedding under the same column names."""
+    (tmp_path / "a-backbone" / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    assert not is_backbone("a-backbone")
+    with pytest.raises(CheckpointError, match="a-backbone.*header cannot be read"):
+        inference.embedding_model()
+
+
+def test_only_backbones_shipped(shipped, monkeypatch) -> None:
+    monkeypatch.setattr(inference, "list_models", lambda: ["a-backbone"])
+    with pytest.raises(CheckpointError, match=r"only the backbone\(s\) \['a-backbone'\], which serve when named"):
+        CrystalformerCalculator(device="cpu")
 
 
 def test_models_command_marks_the_backbone(shipped, monkeypatch) -> None:
