@@ -557,6 +557,14 @@ def train_potential(
         val_frames = [all_frames[i] for i in splits["val"]]
         formation = formation_estimates(train_frames) if references == "aligned" else None
         refs = fit_references(train_frames, formation=formation)
+        # The aligned fit depends on the shipped mp-e_form, which changes between releases: a
+        # resumed run keeps its own references and an initialised one its checkpoint's, so
+        # that the network's residual energies keep their meaning.
+        if run.state is not None and (out / "references.json").is_file():
+            refs = _same_references(refs, References.from_dict(json.loads((out / "references.json").read_text())),
+                                    out / "references.json")
+        elif init_from is not None:
+            refs = _same_references(refs, references_of(read_checkpoint(Path(init_from))[0]) or refs, Path(init_from))
         model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
         model = Crystalformer(model_config)
         moduli = modulus_examples(data_dir, fixed, model_config.cutoff) if modulus_weight > 0 else ([], [])
@@ -617,18 +625,36 @@ def train_potential(
         return report
 
 
+def _flat(refs: References) -> dict[tuple[str, str], float]:
+    data = refs.to_dict()
+    return {(s, el): v for s, mu in {**data["sources"], "": data["pooled"]}.items() for el, v in mu.items()}
+
+
+def _same_references(fitted: References, kept: References, where: Path) -> References:
+    """``kept`` (a run's or a checkpoint's references) when it covers the same sources and
+    elements as ``fitted`` (this run's data); otherwise a ``CheckpointError``. Values may
+    differ (a refit against another mp-e_form): the kept ones are used, and the largest
+    difference is logged."""
+    theirs, ours = _flat(kept), _flat(fitted)
+    if theirs.keys() != ours.keys():
+        missing, extra = sorted(ours.keys() - theirs.keys())[:5], sorted(theirs.keys() - ours.keys())[:5]
+        raise CheckpointError(f"{where}: its reference energies cover other sources or elements than this run's "
+                              f"data (missing {missing}, extra {extra}): not the same data")
+    shift = max((abs(theirs[k] - ours[k]) for k in ours), default=0.0)
+    if shift > 2e-6:
+        log.info("%s: keeping its reference energies (a refit now differs by up to %.4g eV)", where, shift)
+    return kept
+
+
 def _load_initial(model: Crystalformer, path: str | Path, refs: References) -> dict[str, str]:
     """Copy a trained potential's weights into ``model``; refuse another architecture or
     other reference energies (the network's residual energies would mean something else)."""
     base, _ = read_checkpoint(Path(path))
     if base.config != model.config:
         raise CheckpointError(f"{path}: its architecture differs from this run's ({base.config} against {model.config})")
-    def flat(data: dict[str, Any]) -> dict[tuple[str, str], float]:
-        return {(s, el): v for s, mu in {**data["sources"], "": data["pooled"]}.items() for el, v in mu.items()}
-
-    theirs, ours = flat(base.metadata.get("reference_energies") or {"sources": {}, "pooled": {}}), flat(refs.to_dict())
-    if theirs.keys() != ours.keys() or any(abs(theirs[k] - ours[k]) > 2e-6 for k in ours):
-        raise CheckpointError(f"{path}: its reference energies differ from the ones fitted for this run's data")
+    theirs = references_of(base)
+    if theirs is None or _flat(theirs) != _flat(refs):
+        raise CheckpointError(f"{path}: its reference energies differ from this run's")
     model.load_state_dict(base.state_dict())
     return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 

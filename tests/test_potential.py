@@ -15,7 +15,7 @@ from ase.io import write
 
 from ase_crystalformer.checkpoint import load_model
 from ase_crystalformer.config import TrainConfig
-from ase_crystalformer.errors import DataError
+from ase_crystalformer.errors import CheckpointError, DataError
 from ase_crystalformer.potential import (
     DEFAULT_SOURCE,
     FORMATION_SOURCE,
@@ -194,6 +194,40 @@ def test_training_run_records_split_and_references_and_resumes(tmp_path):
                     resume=True)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [2, 4, 6]
+
+
+def _shifted(refs: References, by: float) -> References:
+    data = refs.to_dict()
+    data["sources"] = {s: {el: v + by for el, v in mu.items()} for s, mu in data["sources"].items()}
+    data["pooled"] = {el: v + by for el, v in data["pooled"].items()}
+    return References.from_dict(data)
+
+
+def test_resumed_and_initialised_runs_keep_their_references_when_a_refit_differs(tmp_path, monkeypatch):
+    """The aligned fit depends on the shipped mp-e_form: after it changes, a resumed run must
+    keep its own references (not relabel its data mid-run) and --init-from the checkpoint's."""
+    import ase_crystalformer.potential as potential
+
+    frames = read_frames(_frames_file(tmp_path / "mptrj.xyz", n_traj=12, per_traj=2))
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, swa_epochs=0, force_weight=1.0)
+    first = tmp_path / "first"
+    train_potential(tmp_path, first, config=config, model_config=TINY, steps_per_epoch=2, frames=(frames, {}))
+    kept = json.loads((first / "references.json").read_text())
+    fit = potential.fit_references
+    monkeypatch.setattr(potential, "fit_references", lambda *a, **k: _shifted(fit(*a, **k), 0.25))
+    longer = TrainConfig(**{**config.to_dict(), "epochs": 2, "betas": tuple(config.betas)})
+    train_potential(tmp_path, first, config=longer, model_config=TINY, steps_per_epoch=2, frames=(frames, {}),
+                    resume=True)
+    assert json.loads((first / "references.json").read_text()) == kept
+    assert references_of(load_model(first / "latest.safetensors")).to_dict() == kept
+    second = tmp_path / "second"
+    train_potential(tmp_path, second, config=config, model_config=TINY, steps_per_epoch=2, frames=(frames, {}),
+                    init_from=first / "latest.safetensors")
+    assert json.loads((second / "references.json").read_text()) == kept
+    without_cu = [f for f in frames if 29 not in f.atoms.numbers]  # other elements: other data
+    with pytest.raises(CheckpointError, match="cover other sources or elements"):
+        train_potential(tmp_path, tmp_path / "third", config=config, model_config=TINY, steps_per_epoch=2,
+                        frames=(without_cu, {}), init_from=first / "latest.safetensors")
 
 
 def test_cli_refuses_a_data_dir_without_frames(tmp_path):
