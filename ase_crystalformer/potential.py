@@ -560,11 +560,15 @@ def train_potential(
         # The aligned fit depends on the shipped mp-e_form, which changes between releases: a
         # resumed run keeps its own references and an initialised one its checkpoint's, so
         # that the network's residual energies keep their meaning.
+        base = read_checkpoint(Path(init_from))[0] if init_from is not None and run.state is None else None
         if run.state is not None and (out / "references.json").is_file():
             refs = _same_references(refs, References.from_dict(json.loads((out / "references.json").read_text())),
                                     out / "references.json")
-        elif init_from is not None:
-            refs = _same_references(refs, references_of(read_checkpoint(Path(init_from))[0]) or refs, Path(init_from))
+        elif base is not None:
+            theirs = references_of(base)
+            if theirs is None:
+                raise CheckpointError(f"{init_from}: not a potential (its metadata holds no reference energies)")
+            refs = _same_references(refs, theirs, Path(init_from))
         model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
         model = Crystalformer(model_config)
         moduli = modulus_examples(data_dir, fixed, model_config.cutoff) if modulus_weight > 0 else ([], [])
@@ -581,7 +585,7 @@ def train_potential(
             raise DataError("no training frame with an energy label")
         model.target_mean.fill_(float(y.mean()))
         model.target_std.fill_(float(y.std()) or 1.0)
-        initial = _load_initial(model, init_from, refs) if init_from is not None and run.state is None else None
+        initial = _load_initial(model, base, Path(init_from)) if base is not None else None
         split_ids = {k: [all_frames[i].id for i in v] for k, v in splits.items()}
         write_json(split_ids, out / "splits.json")
         write_json(refs.to_dict(), out / "references.json")
@@ -646,17 +650,13 @@ def _same_references(fitted: References, kept: References, where: Path) -> Refer
     return kept
 
 
-def _load_initial(model: Crystalformer, path: str | Path, refs: References) -> dict[str, str]:
-    """Copy a trained potential's weights into ``model``; refuse another architecture or
-    other reference energies (the network's residual energies would mean something else)."""
-    base, _ = read_checkpoint(Path(path))
+def _load_initial(model: Crystalformer, base: Crystalformer, path: Path) -> dict[str, str]:
+    """Copy the trained potential ``base`` (read from ``path``; its reference energies are
+    already this run's) into ``model``; refuse another architecture."""
     if base.config != model.config:
         raise CheckpointError(f"{path}: its architecture differs from this run's ({base.config} against {model.config})")
-    theirs = references_of(base)
-    if theirs is None or _flat(theirs) != _flat(refs):
-        raise CheckpointError(f"{path}: its reference energies differ from this run's")
     model.load_state_dict(base.state_dict())
-    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def _check_sampling(out: Path, sampling: dict[str, Any]) -> None:

@@ -224,6 +224,13 @@ def test_resumed_and_initialised_runs_keep_their_references_when_a_refit_differs
     train_potential(tmp_path, second, config=config, model_config=TINY, steps_per_epoch=2, frames=(frames, {}),
                     init_from=first / "latest.safetensors")
     assert json.loads((second / "references.json").read_text()) == kept
+    from ase_crystalformer.checkpoint import save_checkpoint
+    from ase_crystalformer.model import Crystalformer
+
+    regressor = save_checkpoint(Crystalformer(TINY), tmp_path / "regressor.safetensors")  # no reference energies
+    with pytest.raises(CheckpointError, match="regressor.safetensors: not a potential"):
+        train_potential(tmp_path, tmp_path / "fourth", config=config, model_config=TINY, steps_per_epoch=2,
+                        frames=(frames, {}), init_from=regressor)
     without_cu = [f for f in frames if 29 not in f.atoms.numbers]  # other elements: other data
     with pytest.raises(CheckpointError, match="cover other sources or elements"):
         train_potential(tmp_path, tmp_path / "third", config=config, model_config=TINY, steps_per_epoch=2,
