@@ -805,6 +805,8 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
 @click.option("--modulus-weight", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Weight of the relative bulk-modulus error (mp-elastic K_VRH at DFT cells, by isotropic strain; ase_crystalformer.elastic) in the loss; 0: no modulus term.")
 @click.option("--modulus-batch", default=8, show_default=True, type=click.IntRange(min=1), help="mp-elastic structures per step for the modulus term.")
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Start from this potential checkpoint's weights (same architecture and reference energies).")
+@click.option("--from-backbone", "backbone", help="Start from this multi-task backbone (name or path) and its --backbone-task head, its ReLUs made smooth (ase_crystalformer.potential.from_backbone); the architecture options are then the backbone's.")
+@click.option("--backbone-task", default="e_form@megnet", show_default=True, help="The backbone head the energy starts from (a formation energy on MP's scale, as the aligned references expect).")
 @click.option("--max-val-relaxed", default=200, show_default=True, type=click.IntRange(min=0), help="Relaxed MEGNet-val structures in the validation set.")
 @click.option("--blocks", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--d-model", default=64, show_default=True, type=click.IntRange(min=8))
@@ -818,7 +820,7 @@ def phonons(structure: str, model_names: tuple[str, ...], supercell: tuple[int, 
 def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
                     lr_decay_steps: int, swa_epochs: int, force_weight: float, stress_weight: float,
                     relaxed_share: float, relaxed_energies: bool, reference_scale: str, modulus_weight: float,
-                    modulus_batch: int, init_from: str | None, max_val_relaxed: int, blocks: int, d_model: int, heads: int, readout: str, seed: int,
+                    modulus_batch: int, init_from: str | None, backbone: str | None, backbone_task: str, max_val_relaxed: int, blocks: int, d_model: int, heads: int, readout: str, seed: int,
                     threads: int | None, resume: bool, overwrite: bool, device: str) -> None:
     """Train a Crystalformer potential on DFT energies, forces and stresses.
 
@@ -852,7 +854,7 @@ def train_potential(data_dir: str, out: str, epochs: int, steps_per_epoch: int, 
         report = run(data_dir, out, config=config, model_config=model_config, steps_per_epoch=steps_per_epoch,
                      relaxed_share=relaxed_share, relaxed_energies=relaxed_energies, references=reference_scale,
                      modulus_weight=modulus_weight, modulus_batch=modulus_batch, init_from=init_from,
-                     max_val_relaxed=max_val_relaxed, resume=resume, overwrite=overwrite, device=device,
+                     backbone=backbone, backbone_task=backbone_task, max_val_relaxed=max_val_relaxed, resume=resume, overwrite=overwrite, device=device,
                      command=" ".join(["crystalformer", *sys.argv[1:]]), on_epoch=echo)
     except (CrystalformerError, ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err

@@ -93,6 +93,10 @@ class ModelConfig:
     step whatever its gradient's scale, so at temperature 1 a gate moves a few hundredths in a
     16-epoch run and never commits (docs/results.md); a larger one lets it reach either space.
 
+    ``activation_sharpness`` β makes every activation f(βx)/β: a smooth f with a large β
+    stays close to ReLU (GELU within 0.17/β of it), so a potential can start from a ReLU
+    backbone with its weights unchanged (``potential.from_backbone``).
+
     ``readout="mean"`` is the paper's: the head MLP on the mean of the atom features.
     ``"atoms"`` applies the head to every atom and averages its outputs, so that an energy
     target becomes a sum of per-atom energies, each a nonlinear function of its own atom's
@@ -111,6 +115,7 @@ class ModelConfig:
     rho_slope: float = 0.1
     cutoff: float = 10.0
     activation: Activation = "relu"
+    activation_sharpness: float = 1.0
     domain: Domain = "real"
     reciprocal_scale: float = 2.2
     route_temperature: float = 10.0
@@ -129,6 +134,8 @@ class ModelConfig:
         for name in ("rbf_max", "r0", "rho_slope"):
             if _finite(name, getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < _finite("activation_sharpness", self.activation_sharpness) <= 1e4:
+            raise ValueError(f"activation_sharpness must lie in (0, 1e4], got {self.activation_sharpness}")
         if not 0.0 < _finite("rho_lower_bound", self.rho_lower_bound) < 1.0:
             raise ValueError(f"rho_lower_bound must lie in (0, 1), got {self.rho_lower_bound}")
         if _finite("cutoff", self.cutoff) > MAX_CUTOFF:

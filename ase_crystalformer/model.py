@@ -34,6 +34,22 @@ from .structures import as_atoms_list, check_all, describe, primitive_cell
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
+class Sharpened(nn.Module):
+    """f(βx)/β (``ModelConfig.activation_sharpness``)."""
+
+    def __init__(self, activation: nn.Module, sharpness: float) -> None:
+        super().__init__()
+        self.activation, self.sharpness = activation, sharpness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(x * self.sharpness) / self.sharpness
+
+
+def _activation(config: ModelConfig) -> nn.Module:
+    activation = _ACTIVATIONS[config.activation]()
+    return activation if config.activation_sharpness == 1.0 else Sharpened(activation, config.activation_sharpness)
+
+
 class Block(nn.Module):
     """Post-norm Transformer block with the norms removed (T-Fixup): x + MHA, then x + FFN."""
 
@@ -42,7 +58,7 @@ class Block(nn.Module):
         self.attention = attention_for(config, layer)
         self.ffn = nn.Sequential(
             Linear(config.d_model, config.d_ff),
-            _ACTIVATIONS[config.activation](),
+            _activation(config),
             Linear(config.d_ff, config.d_model),
         )
 
@@ -67,7 +83,7 @@ class Crystalformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_blocks))
         self.head = nn.Sequential(
             Linear(config.d_model, config.d_head_mlp),
-            _ACTIVATIONS[config.activation](),
+            _activation(config),
             Linear(config.d_head_mlp, n_targets),
         )
         self.basis = GaussianBasis(config.n_rbf, config.rbf_max) if config.n_rbf else None

@@ -278,6 +278,8 @@ DEEP = "[" * 100_000 + "]" * 100_000
     ({"rbf_max": 0}, "rbf_max must be positive"),
     ({"rho_lower_bound": 1.5}, r"rho_lower_bound must lie in \(0, 1\)"),
     ({"activation": ["relu"]}, "unknown activation"),
+    ({"activation_sharpness": 0.0}, r"activation_sharpness must lie in \(0, 1e4\], got 0.0"),
+    ({"activation_sharpness": float("inf")}, "activation_sharpness must be a finite number"),
     ({"targets": []}, "a model needs 1 to 64 targets, got 0"),
     ({"targets": [{"name": f"t{i}"} for i in range(65)]}, "a model needs 1 to 64 targets, got 65"),
     ({"targets": "energy"}, "targets must be a list of objects"),

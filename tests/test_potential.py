@@ -274,3 +274,52 @@ def test_relaxed_structures_without_energies_teach_forces_only_and_the_choice_is
         train_potential(tmp_path, tmp_path / "run2", config=config, model_config=TINY, steps_per_epoch=3,
                         relaxed_energies=False, frames=(mptrj + [f for f in frames if f.source == FORMATION_SOURCE],
                                                         {**only_relaxed, **{f.group: "train" for f in mptrj}}))
+
+
+def test_a_backbone_becomes_a_smooth_potential_that_starts_from_its_head(tmp_path):
+    """from_backbone: GELU(βx)/β in place of ReLU, the weights kept, the chosen head
+    renormalised; with a large β the potential's energy per atom is the backbone's head."""
+    import torch
+    from dataclasses import replace
+
+    from ase_crystalformer.checkpoint import save_checkpoint
+    from ase_crystalformer.config import ModelConfig, TargetSpec
+    from ase_crystalformer.geometry import collate, windows_for
+    from ase_crystalformer.model import Crystalformer
+    from ase_crystalformer.potential import ENERGY_TARGET, from_backbone
+
+    torch.manual_seed(0)
+    config = ModelConfig(n_blocks=2, d_model=16, n_heads=2, d_ff=32, d_head_mlp=16, n_rbf=8, cutoff=7.0,
+                         readout="atoms", targets=(TargetSpec("gap", "eV"), TargetSpec("e_form", "eV/atom")))
+    backbone = Crystalformer(config).double()
+    for p in backbone.parameters():  # a trained-looking backbone: pre-activations of both signs
+        p.data.add_(0.05 * torch.randn_like(p))
+    backbone.target_mean.copy_(torch.tensor([1.0, -1.5]))
+    backbone.target_std.copy_(torch.tensor([0.5, 0.8]))
+    structures = [bulk("NaCl", "rocksalt", a=5.6), bulk("Cu", "fcc", a=3.6, cubic=True)]
+    structures[1].rattle(0.1, seed=1)
+    batch = collate(windows_for(structures, config.cutoff), dtype=torch.float64)
+    with torch.no_grad():
+        expected = backbone.targets(backbone(batch))[:, 1]
+        potential = from_backbone(backbone, "e_form", target_mean=-1.0, target_std=1.3, sharpness=1e4)
+        got = potential.targets(potential(batch))[:, 0]
+    assert potential.config == replace(config, activation="gelu", activation_sharpness=1e4, targets=(ENERGY_TARGET,))
+    assert float(potential.target_mean[0]) == -1.0 and float(potential.target_std[0]) == 1.3
+    assert potential.dtype == torch.float64
+    assert torch.allclose(got, expected, atol=1e-4), (got, expected)
+    with torch.no_grad():  # a small β is a different (smooth) function, not the same one
+        blunt = from_backbone(backbone, "e_form", target_mean=-1.0, target_std=1.3, sharpness=1.0)
+        assert not torch.allclose(blunt.targets(blunt(batch))[:, 0], expected, atol=1e-3)
+    with pytest.raises(CheckpointError, match="no head 'k_vrh'"):
+        from_backbone(backbone, "k_vrh", 0.0, 1.0)
+    frames = read_frames(_frames_file(tmp_path / "mptrj.xyz", n_traj=12, per_traj=2))
+    path = save_checkpoint(backbone.float(), tmp_path / "backbone.safetensors")
+    train = TrainConfig(epochs=1, batch_size=4, lr=1e-3, swa_epochs=0, force_weight=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        train_potential(tmp_path, tmp_path / "both", config=train, steps_per_epoch=1, frames=(frames, {}),
+                        backbone=path, backbone_task="e_form", init_from=path)
+    train_potential(tmp_path, tmp_path / "run", config=train, steps_per_epoch=2, frames=(frames, {}),
+                    backbone=path, backbone_task="e_form")
+    trained = load_model(tmp_path / "run" / "latest.safetensors")
+    assert trained.config.activation == "gelu" and trained.config.d_model == 16
+    assert trained.metadata["init_from"]["task"] == "e_form"
