@@ -323,3 +323,11 @@ def test_a_backbone_becomes_a_smooth_potential_that_starts_from_its_head(tmp_pat
     trained = load_model(tmp_path / "run" / "latest.safetensors")
     assert trained.config.activation == "gelu" and trained.config.d_model == 16
     assert trained.metadata["init_from"]["task"] == "e_form"
+    longer = TrainConfig(**{**train.to_dict(), "epochs": 2, "betas": tuple(train.betas)})
+    train_potential(tmp_path, tmp_path / "run", config=longer, steps_per_epoch=2, frames=(frames, {}),
+                    backbone=path, backbone_task="e_form", resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [2, 4]
+    with pytest.raises(ValueError, match="architecture|model config"):  # resumed without its backbone
+        train_potential(tmp_path, tmp_path / "run", config=longer, model_config=TINY, steps_per_epoch=2,
+                        frames=(frames, {}), resume=True)
