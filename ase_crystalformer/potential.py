@@ -519,13 +519,7 @@ def from_backbone(backbone: Crystalformer, task: str, target_mean: float, target
     backbone's normalisation of that task to this run's (``target_mean``, ``target_std``), so
     that the network starts from the backbone's estimate of the energy (on the aligned scale:
     the formation energy)."""
-    names = [t.name for t in backbone.config.targets]
-    if task not in names:
-        raise CheckpointError(f"the backbone has no head {task!r} (it has {names})")
-    if backbone.config.activation != "relu" or backbone.config.domain != "real":
-        raise CheckpointError("from_backbone expects a real-space ReLU backbone "
-                              f"(got activation {backbone.config.activation!r}, domain {backbone.config.domain!r})")
-    t = names.index(task)
+    t = _backbone_head(backbone, task)
     std, mean = float(backbone.target_std[t]), float(backbone.target_mean[t])
     state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     state["head.2.weight"] = state["head.2.weight"][t : t + 1] * (std / target_std)
@@ -535,6 +529,18 @@ def from_backbone(backbone: Crystalformer, task: str, target_mean: float, target
     model = Crystalformer(backbone_potential_config(backbone.config, sharpness)).to(backbone.dtype)
     model.load_state_dict(state)
     return model
+
+
+def _backbone_head(backbone: Crystalformer, task: str) -> int:
+    """The index of ``task``'s head; ``CheckpointError`` if there is none or the backbone is
+    not a real-space ReLU model."""
+    names = [t.name for t in backbone.config.targets]
+    if task not in names:
+        raise CheckpointError(f"the backbone has no head {task!r} (it has {names})")
+    if backbone.config.activation != "relu" or backbone.config.domain != "real":
+        raise CheckpointError("from_backbone expects a real-space ReLU backbone "
+                              f"(got activation {backbone.config.activation!r}, domain {backbone.config.domain!r})")
+    return names.index(task)
 
 
 def backbone_potential_config(config: ModelConfig, sharpness: float = BACKBONE_SHARPNESS) -> ModelConfig:
@@ -586,6 +592,9 @@ def train_potential(
     """
     if init_from is not None and backbone is not None:
         raise ValueError("give init_from (a potential) or backbone, not both")
+    trunk = read_checkpoint(model_path(backbone))[0] if backbone is not None else None
+    if trunk is not None:  # checked before the data are read
+        _backbone_head(trunk, backbone_task)
     if references not in REFERENCE_SCALES:
         raise ValueError(f"references must be one of {REFERENCE_SCALES}, got {references!r}")
     sampling = {"steps_per_epoch": steps_per_epoch, "relaxed_share": relaxed_share,
@@ -619,7 +628,6 @@ def train_potential(
             if theirs is None:
                 raise CheckpointError(f"{init_from}: not a potential (its metadata holds no reference energies)")
             refs = _same_references(refs, theirs, Path(init_from))
-        trunk = read_checkpoint(model_path(backbone))[0] if backbone is not None else None
         if trunk is not None:
             model_config = backbone_potential_config(trunk.config)
         model_config = replace(model_config or default_model_config(), targets=(ENERGY_TARGET,))
