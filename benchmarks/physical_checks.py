@@ -163,10 +163,10 @@ def table(r: dict) -> str:
     rows.append((f"NVE MD, 64 Si, 300 K, {md['steps']} × 1 fs: drift", f"{md['drift_meV_atom']:+.3f} meV/atom "
                  f"(max excursion {md['max_excursion_meV_atom']:.2f})", "abs <= 1 meV/atom", abs(md["drift_meV_atom"]) <= 1))
     # Started from perfect sites at 300 K, a stable crystal shares its kinetic energy with the
-    # potential and ends near 150 K; a much hotter end means diamond Si released potential
-    # energy: it is not a minimum of the model (energy conservation alone does not show this).
+    # potential and ends near 150 K; a much hotter end means the cell released potential
+    # energy: it left diamond Si for a lower minimum of the model (energy conservation alone does not show this).
     rows.append(("NVE MD: temperature at the end (from 300 K at perfect sites)", f"{md['temperature_end_K']:.0f} K",
-                 "near 150 K if diamond Si is a minimum (informational)", None))
+                 "near 150 K if the crystal stays in its minimum (informational)", None))
     lines = ["| check | value | criterion | pass |", "|---|---|---|---|"]
     for name, value, criterion, ok in rows:
         lines.append(f"| {name} | {value} | {criterion} | {'-' if ok is None else 'yes' if ok else 'no'} |")
