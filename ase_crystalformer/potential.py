@@ -592,7 +592,8 @@ def train_potential(
     """
     if init_from is not None and backbone is not None:
         raise ValueError("give init_from (a potential) or backbone, not both")
-    trunk = read_checkpoint(model_path(backbone))[0] if backbone is not None else None
+    backbone_file = model_path(backbone) if backbone is not None else None
+    trunk = read_checkpoint(backbone_file)[0] if backbone_file is not None else None
     if trunk is not None:  # checked before the data are read
         _backbone_head(trunk, backbone_task)
     if references not in REFERENCE_SCALES:
@@ -645,9 +646,8 @@ def train_potential(
             raise DataError("no training frame with an energy label")
         if trunk is not None:
             model = from_backbone(trunk, backbone_task, float(y.mean()), float(y.std()) or 1.0)
-            path = model_path(backbone)
-            initial = {"backbone": str(backbone), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                       "task": backbone_task, "sharpness": BACKBONE_SHARPNESS}
+            initial = {**_file_record(backbone_file), "backbone": str(backbone), "task": backbone_task,
+                       "sharpness": BACKBONE_SHARPNESS}
         else:
             model = Crystalformer(model_config)
             model.target_mean.fill_(float(y.mean()))
@@ -723,6 +723,11 @@ def _load_initial(model: Crystalformer, base: Crystalformer, path: Path) -> dict
     if base.config != model.config:
         raise CheckpointError(f"{path}: its architecture differs from this run's ({base.config} against {model.config})")
     model.load_state_dict(base.state_dict())
+    return _file_record(path)
+
+
+def _file_record(path: Path) -> dict[str, str]:
+    """Where a run's initial weights came from: the file and its sha256."""
     return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
