@@ -504,7 +504,8 @@ def default_model_config(**changes: Any) -> ModelConfig:
 #: Pre-activations of a trained ReLU backbone are small (T-Fixup scales), so a smooth
 #: activation in place of ReLU changes its outputs a lot: GELU gives formation energies off by
 #: ~2 eV/atom. GELU(βx)/β is smooth and within 0.17/β of ReLU; with β = 50 the backbone's
-#: e_form@megnet MAE on 300 MEGNet val structures moved from 0.0437 to 0.0451 eV/atom. (The
+#: e_form@megnet MAE on 300 MEGNet val structures moved from 0.0437 to 0.0451 eV/atom
+#: (scripts/backbone_activation.py). (The
 #: same function as plain GELU on rescaled weights diverged in its first 150 steps: Adam moves
 #: every weight by ~lr, so the weights divided by β moved β times faster.)
 BACKBONE_SHARPNESS = 50.0
