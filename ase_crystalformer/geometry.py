@@ -198,8 +198,13 @@ def build_window(atoms: Atoms, cutoff: float, label: str | Label | None = None) 
     # bases (attention.BandedBasis). Centers stay in order, so slots are unchanged.
     # Ties (equal distances, common in supercells) go by neighbour and shift, so the order
     # does not depend on the order vesin lists its entries in.
+    # (neighbour, shift) as one integer in the same lexicographic order: one sort key for
+    # four (np.lexsort makes a pass per key; six keys were a quarter of window building).
+    # No overflow: an atom ≥ MIN_DISTANCE from its own images keeps |n| ≤ cutoff / MIN_DISTANCE.
     distance = np.concatenate([np.zeros(n), dist])[order]
-    by_distance = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], neighbor, distance, center))
+    side = 2 * largest + 1
+    tie = ((neighbor * side + shift[:, 0] + largest) * side + shift[:, 1] + largest) * side + shift[:, 2] + largest
+    by_distance = np.lexsort((tie, distance, center))
     neighbor, shift, pair = neighbor[by_distance], shift[by_distance], pair[by_distance]
     return Window(
         numbers=np.asarray(atoms.numbers, dtype=np.int64),

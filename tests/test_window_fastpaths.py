@@ -95,6 +95,23 @@ def test_neighbour_lists_in_any_order_give_the_same_window(monkeypatch) -> None:
     assert (other.neighbor[first] == other.center[first]).all() and (other.shift[first] == 0).all()
 
 
+def test_images_at_equal_distances_keep_one_order_whatever_vesin_lists(monkeypatch) -> None:
+    """An unrattled supercell has many images at exactly equal distances; they are ordered by
+    neighbour, then shift, so the whole window, shifts included, is the same either way."""
+    import vesin
+
+    atoms = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
+    usual = build_window(atoms, 7.0)
+    compute = vesin.NeighborList.compute
+    monkeypatch.setattr(vesin.NeighborList, "compute",
+                        lambda self, *a, **k: [x[::-1].copy() for x in compute(self, *a, **k)])
+    other = build_window(atoms, 7.0)
+    d = np.linalg.norm(usual.positions[usual.neighbor] - usual.positions[usual.center] + usual.shift @ usual.cell, axis=1)
+    assert len(np.unique(d.round(9))) < usual.n_images / 4  # ties are the rule here
+    for f in dataclasses.fields(usual):
+        assert np.array_equal(getattr(usual, f.name), getattr(other, f.name)), f.name
+
+
 def test_windows_on_threads_are_the_serial_windows_in_input_order() -> None:
     bases = [bulk("Si", "diamond", a=5.43), bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1)),
              bulk("NaCl", "rocksalt", a=5.6), bulk("Mg", "hcp")]
