@@ -177,35 +177,31 @@ def build_window(atoms: Atoms, cutoff: float, label: str | Label | None = None) 
     center = np.concatenate([atoms_idx, i]).astype(np.int64)
     neighbor = np.concatenate([atoms_idx, j]).astype(np.int64)
     shift = np.concatenate([np.zeros((n, 3), dtype=np.int64), shift.astype(np.int64)])
-    # Entries in (center, neighbor) order, self image first in its pair (the stable sort
-    # of these keys). vesin usually lists its entries in that order already; then the self
-    # images are only inserted. The pairs are the runs of equal keys, numbered without a sort.
-    pair_key = center * n + neighbor
-    found = pair_key[n:]
-    if (found[1:] >= found[:-1]).all():
-        order = np.insert(np.arange(n, len(pair_key)), np.searchsorted(found, pair_key[:n]), atoms_idx)
-    else:
-        order = np.argsort(pair_key, kind="stable")
-    pair_key, center, neighbor, shift = pair_key[order], center[order], neighbor[order], shift[order]
+    distance = np.concatenate([np.zeros(n), dist])
+    # Each atom's images nearest first: a range of slots then spans few distances, which
+    # lets the model store only the nonzero band of their radial bases (attention.BandedBasis);
+    # the self image comes first. Ties (equal distances, common in supercells) go by
+    # neighbour, then shift, so the order does not depend on the order vesin lists its
+    # entries in. (neighbour, shift) is packed into one integer of the same lexicographic
+    # order: np.lexsort makes a pass per key. No overflow: an atom at least MIN_DISTANCE from
+    # its own images keeps |n| ≤ cutoff / MIN_DISTANCE.
+    side = 2 * largest + 1
+    tie = ((neighbor * side + shift[:, 0] + largest) * side + shift[:, 1] + largest) * side + shift[:, 2] + largest
+    order = np.lexsort((tie, distance, center))
+    center, neighbor, shift = center[order], neighbor[order], shift[order]
     counts = np.bincount(center, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.arange(len(center)) - starts[center]
-    new_pair = np.concatenate([[True], pair_key[1:] != pair_key[:-1]])
-    pair = np.cumsum(new_pair) - 1
-    keys = pair_key[new_pair]
-    # Each atom's images nearest first (pairs keep their numbers): a range of slots then
-    # spans few distances, which lets the model store only the nonzero band of their radial
-    # bases (attention.BandedBasis). Centers stay in order, so slots are unchanged.
-    # Ties (equal distances, common in supercells) go by neighbour and shift, so the order
-    # does not depend on the order vesin lists its entries in.
-    # (neighbour, shift) as one integer in the same lexicographic order: one sort key for
-    # four (np.lexsort makes a pass per key; six keys were a quarter of window building).
-    # No overflow: an atom ≥ MIN_DISTANCE from its own images keeps |n| ≤ cutoff / MIN_DISTANCE.
-    distance = np.concatenate([np.zeros(n), dist])[order]
-    side = 2 * largest + 1
-    tie = ((neighbor * side + shift[:, 0] + largest) * side + shift[:, 1] + largest) * side + shift[:, 2] + largest
-    by_distance = np.lexsort((tie, distance, center))
-    neighbor, shift, pair = neighbor[by_distance], shift[by_distance], pair[by_distance]
+    # Pairs (i, j) numbered in the order of their keys i·n + j: by a table over all n²
+    # keys for cells of up to a few thousand atoms (no sort), else by np.unique.
+    pair_key = center * n + neighbor
+    if n * n <= 8 * len(pair_key) + 4096:
+        present = np.zeros(n * n, dtype=bool)
+        present[pair_key] = True
+        keys = np.flatnonzero(present)
+        pair = (np.cumsum(present) - 1)[pair_key]
+    else:
+        keys, pair = np.unique(pair_key, return_inverse=True)
     return Window(
         numbers=np.asarray(atoms.numbers, dtype=np.int64),
         positions=positions,
