@@ -2,6 +2,11 @@
 
     python benchmarks/physical_checks.py --model dft-pes --data-dir ../shared/data [--n-mp 100]
 
+``--model chgnet`` runs the same checks on CHGNet 0.4.2's own ASE calculator (its default
+weights, float32 as CHGNet ships), from a venv that holds chgnet and this package, e.g.
+``/work/chgnet-venv/bin/pip install -e .[phonopy]`` in the CHGNet venv of
+``benchmarks/chgnet_predict.py``; chgnet is never a dependency of the package.
+
 Prints one markdown table (check, value, criterion, pass) and writes it with the details to
 ``--out``/physical_checks.json. The checks:
 
@@ -47,8 +52,23 @@ SI_DFT = 5.469  # Å, mp-149 (PBE), the conventional cell of examples/structures
 
 
 def _max_force(calc, structures) -> list[float]:
-    values = calc.predict(structures, properties=["forces"])
-    return [float(np.linalg.norm(v["forces"], axis=1).max()) for v in values]
+    if isinstance(calc, CrystalformerCalculator):  # batched
+        forces = [v["forces"] for v in calc.predict(structures, properties=["forces"])]
+    else:
+        forces = [calc.get_forces(atoms) for atoms in structures]
+    return [float(np.linalg.norm(f, axis=1).max()) for f in forces]
+
+
+def calculators(model: str):
+    """The calculator for relaxations and MD, and what ``run_phonons`` takes: for a
+    Crystalformer model its name (phonons then run in float64), for CHGNet its calculator."""
+    if model == "chgnet":
+        from chgnet.model import CHGNet
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        calc = CHGNetCalculator(model=CHGNet.load(model_name="0.3.0", verbose=False), use_device="cpu")
+        return calc, calc
+    return CrystalformerCalculator(model), model
 
 
 def relax_from_dft(calc, structures, steps: int) -> dict:
@@ -115,7 +135,7 @@ def nve_drift(calc, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=DEFAULT_POTENTIAL)
+    parser.add_argument("--model", default=DEFAULT_POTENTIAL, help="a potential (name or path), or chgnet")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--n-mp", type=int, default=100)
     parser.add_argument("--max-atoms", type=int, default=40)
@@ -125,14 +145,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    calc = CrystalformerCalculator(args.model)
+    calc, phonon_model = calculators(args.model)
     start = time.perf_counter()
     examples = [read(p) for p in sorted((ROOT / "examples/structures").glob("*.cif"))]
     report = {"model": args.model, "examples": relax_from_dft(calc, examples, args.steps)}
     report["mp_test"] = relax_from_dft(calc, mp_test_structures(args.data_dir, args.n_mp, args.max_atoms), args.steps)
     report["si"] = silicon(calc, args.steps)
     report["nacl"] = nacl_symmetry(calc, args.steps)
-    report["phonons"] = phonons(args.model, calc, args.steps)
+    report["phonons"] = phonons(phonon_model, calc, args.steps)
     report["md"] = nve_drift(calc, args.md_steps)
     report["wall_s"] = round(time.perf_counter() - start)
     (args.out / "physical_checks.json").write_text(json.dumps(report, indent=2))
