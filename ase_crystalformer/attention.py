@@ -609,7 +609,7 @@ MAX_SLOTS = 1 << 20
 #: Slots per chunk where the pair lists are used (large cells): each per-pair gather
 #: (P, H, dh) is about as large as the chunk's slots × d, so these chunks are smaller.
 #: 2¹⁴ rather than 2¹⁶: peak RSS of energy + forces + stress on 2k–7k-atom cells fell
-#: 1.4–2.2× under glibc's default malloc at no cost in time (docs/benchmarks.md).
+#: 1.3–2.2× under glibc's default malloc at no cost in time (docs/benchmarks.md).
 PAIR_SLOTS = 1 << 14
 
 

@@ -310,7 +310,7 @@ def image_vectors(batch: Batch) -> torch.Tensor:
     translation = torch.bmm(batch.shift, batch.cells.index_select(0, batch.crystal))  # (N, M, 3)
     # index_select of a flat index rather than positions[neighbor]: the same values, and
     # about a third less time, forward and backward, on a batch of 128 MP structures.
-    neighbors = batch.positions.index_select(0, batch.neighbor.view(-1)).view(n, m, 3)
+    neighbors = batch.positions.index_select(0, batch.neighbor.reshape(-1)).view(n, m, 3)
     return neighbors - batch.positions[:, None, :] + translation
 
 
