@@ -372,6 +372,15 @@ def reference_per_atom(model: Crystalformer, structures: Sequence[Atoms]) -> np.
 
 
 # ------------------------------------------------------------------------------- examples
+def trim_relaxed_val(frames: Sequence[Frame], splits: dict[str, list[int]], max_val_relaxed: int) -> dict[str, list[int]]:
+    """``splits`` with validation's relaxed MP structures cut to the first ``max_val_relaxed``
+    by hash of their ids: a training run's validation set (``train_potential``), which
+    ``benchmarks/eval_potential.py --split val`` recomputes."""
+    relaxed = sorted((i for i in splits["val"] if frames[i].file == "mp-megnet"), key=lambda i: _unit_interval(frames[i].id))
+    keep = set(relaxed[:max_val_relaxed])
+    return {**splits, "val": [i for i in splits["val"] if frames[i].file != "mp-megnet" or i in keep]}
+
+
 def make_examples(
     frames: Sequence[Frame], refs: References, cutoff: float, relaxed_energies: bool = True
 ) -> tuple[list[Example], list[str]]:
@@ -609,11 +618,7 @@ def train_potential(
         torch.manual_seed(config.seed)
         start = time.perf_counter()
         all_frames, fixed = frames if frames is not None else read_all(data_dir)
-        splits = split_frames(all_frames, fixed)
-        relaxed_val = sorted((i for i in splits["val"] if all_frames[i].file == "mp-megnet"),
-                             key=lambda i: _unit_interval(all_frames[i].id))
-        keep = set(relaxed_val[:max_val_relaxed])
-        splits["val"] = [i for i in splits["val"] if all_frames[i].file != "mp-megnet" or i in keep]
+        splits = trim_relaxed_val(all_frames, split_frames(all_frames, fixed), max_val_relaxed)
         train_frames = [all_frames[i] for i in splits["train"]]
         val_frames = [all_frames[i] for i in splits["val"]]
         formation = formation_estimates(train_frames) if references == "aligned" else None

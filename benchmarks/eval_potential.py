@@ -1,10 +1,11 @@
-"""Test-set errors of a potential, per source file, next to CHGNet on the same frames.
+"""Test-set (or validation-set) errors of a potential, per source file, next to CHGNet on the same frames.
 
     python benchmarks/eval_potential.py --model runs/potential/best.safetensors \
         --data-dir ../shared/data --chgnet-python /work/chgnet-venv/bin/python --out runs/eval
 
 The test frames are the potential's own split (recomputed from the data by
-``potential.split_frames``; the sha256 of their ids is checked against the checkpoint).
+``potential.split_frames``; the sha256 of their ids is checked against the checkpoint);
+``--split val`` takes its validation frames instead, to choose between candidates.
 Energy MAE is per atom, after each source's per-element reference energies: for the potential
 the μ fitted on that source's training frames (what it was trained with); for CHGNet a
 per-element offset fitted the same way (least squares on its errors over up to
@@ -36,6 +37,7 @@ from ase_crystalformer.potential import (
     read_all,
     references_of,
     split_frames,
+    trim_relaxed_val,
 )
 from ase_crystalformer.training import ids_digest
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--max-per-file", type=int, default=0, help="Evaluate at most this many test frames per file (0: all).")
     parser.add_argument("--chgnet-only", action="store_true", help="Only compute (and cache) CHGNet's predictions.")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -116,17 +119,17 @@ def main() -> None:
     if refs is None:
         raise SystemExit(f"{args.model}: not a potential (no reference energies in its metadata)")
     frames, fixed = read_all(args.data_dir)
-    splits = split_frames(frames, fixed)
-    test = [frames[i] for i in splits["test"]]
-    if ids_digest([f.id for f in test]) != model.metadata.get("test_ids_sha256"):
-        raise SystemExit("the recomputed test split does not match the checkpoint's test_ids_sha256")
+    splits = trim_relaxed_val(frames, split_frames(frames, fixed), model.metadata["sampling"]["max_val_relaxed"])
+    test = [frames[i] for i in splits[args.split]]
+    if ids_digest([f.id for f in test]) != model.metadata.get(f"{args.split}_ids_sha256"):
+        raise SystemExit(f"the recomputed {args.split} split does not match the checkpoint's {args.split}_ids_sha256")
     if args.max_per_file:
         kept: dict[str, int] = {}
         test = [f for f in test if kept.setdefault(f.file, 0) < args.max_per_file and not kept.update({f.file: kept[f.file] + 1})]
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"model": str(args.model)}
+    result: dict = {"model": str(args.model), "split": args.split}
     if args.chgnet_python:
-        chg = chgnet_predictions(args.chgnet_python, test, args.out / "chgnet_test.npz")
+        chg = chgnet_predictions(args.chgnet_python, test, args.out / f"chgnet_{args.split}.npz")
         train_sub: dict[str, list[Frame]] = {}
         for i in sorted(splits["train"], key=lambda i: _unit_interval(frames[i].id)):
             f = frames[i]
@@ -151,11 +154,11 @@ def main() -> None:
     result["potential"] = errors(
         test, preds, lambda f: refs.energy(f.atoms.numbers, f.source) - refs.energy(f.atoms.numbers))
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2))
-    print(table(result))
+    print(table(result, args.split))
 
 
-def table(result: dict) -> str:
-    lines = ["| test frames | n | E MAE (meV/atom) | F MAE (eV/Å) | σ MAE (GPa) | CHGNet E | CHGNet F | CHGNet σ |",
+def table(result: dict, split: str = "test") -> str:
+    lines = [f"| {split} frames | n | E MAE (meV/atom) | F MAE (eV/Å) | σ MAE (GPa) | CHGNet E | CHGNet F | CHGNet σ |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in result["potential"].items():
         c = result.get("chgnet", {}).get(name)
