@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--chgnet-python", help="Python of a venv with chgnet 0.4.2 (skipped if absent)")
     parser.add_argument("--offset-frames", type=int, default=500, help="Training frames per source for CHGNet's offsets.")
-    parser.add_argument("--max-per-file", type=int, default=0, help="Evaluate at most this many test frames per file (0: all).")
+    parser.add_argument("--max-per-file", type=int, default=0, help="Evaluate at most this many frames per file (0: all).")
     parser.add_argument("--chgnet-only", action="store_true", help="Only compute (and cache) CHGNet's predictions.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--split", choices=("test", "val"), default="test")
@@ -120,16 +120,16 @@ def main() -> None:
         raise SystemExit(f"{args.model}: not a potential (no reference energies in its metadata)")
     frames, fixed = read_all(args.data_dir)
     splits = trim_relaxed_val(frames, split_frames(frames, fixed), model.metadata["sampling"]["max_val_relaxed"])
-    test = [frames[i] for i in splits[args.split]]
-    if ids_digest([f.id for f in test]) != model.metadata.get(f"{args.split}_ids_sha256"):
+    chosen = [frames[i] for i in splits[args.split]]
+    if ids_digest([f.id for f in chosen]) != model.metadata.get(f"{args.split}_ids_sha256"):
         raise SystemExit(f"the recomputed {args.split} split does not match the checkpoint's {args.split}_ids_sha256")
     if args.max_per_file:
         kept: dict[str, int] = {}
-        test = [f for f in test if kept.setdefault(f.file, 0) < args.max_per_file and not kept.update({f.file: kept[f.file] + 1})]
+        chosen = [f for f in chosen if kept.setdefault(f.file, 0) < args.max_per_file and not kept.update({f.file: kept[f.file] + 1})]
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"model": str(args.model), "split": args.split}
     if args.chgnet_python:
-        chg = chgnet_predictions(args.chgnet_python, test, args.out / f"chgnet_{args.split}.npz")
+        chg = chgnet_predictions(args.chgnet_python, chosen, args.out / f"chgnet_{args.split}.npz")
         train_sub: dict[str, list[Frame]] = {}
         for i in sorted(splits["train"], key=lambda i: _unit_interval(frames[i].id)):
             f = frames[i]
@@ -143,16 +143,16 @@ def main() -> None:
         def shift(f: Frame) -> float:
             return sum(mu[f.source].get(int(z), 0.0) for z in f.atoms.numbers)
 
-        result["chgnet"] = errors(test, chg, shift)
+        result["chgnet"] = errors(chosen, chg, shift)
         result["chgnet_offset_frames"] = {s: len(v) for s, v in train_sub.items()}
     if args.chgnet_only:
         return
-    preds = potential_predictions(model, test, args.batch_size)
+    preds = potential_predictions(model, chosen, args.batch_size)
     for p in preds:
         p["stress"] = _voigt_to_full(p["stress"])
     # The calculator reports network + Σ n μ of the default source; each source has its own μ.
     result["potential"] = errors(
-        test, preds, lambda f: refs.energy(f.atoms.numbers, f.source) - refs.energy(f.atoms.numbers))
+        chosen, preds, lambda f: refs.energy(f.atoms.numbers, f.source) - refs.energy(f.atoms.numbers))
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(table(result, args.split))
 
